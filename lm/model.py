@@ -1,0 +1,173 @@
+"""Decoder-only transformer in Flax NNX with logical axis names on every parameter.
+
+Pre-norm RMSNorm blocks, rotary positions, causal attention through
+`jax.nn.dot_product_attention`, GELU or SwiGLU MLP, optional tied embeddings. The layers'
+parameters are stacked on a leading `layers` axis and applied with `jax.lax.scan`, so
+compile time does not grow with depth. Parameters are float32; compute uses `model.dtype`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from lm.config import head_dim
+from lm.sharding import constrain
+
+Params = dict[str, Any]
+
+
+def _param(key: jax.Array, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,
+           ) -> nnx.Param:
+    """A float32 parameter with its logical axis names stored as `axes` metadata."""
+    value = std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) if std else (
+        jnp.ones(shape, jnp.float32))
+    return nnx.Param(value, axes=axes)
+
+
+class Transformer(nnx.Module):
+    """Token ids [batch, length] -> float32 logits [batch, length, vocab]."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: graphdefs are jit static args
+        self.cfg = cfg
+        d, n_layers, v, f = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.d_ff
+        h, k = cfg.n_heads, head_dim(cfg)
+        std, out_std = cfg.init_std, cfg.init_std / (2 * n_layers) ** 0.5
+        ff_in = (n_layers, d, 2, f) if cfg.activation == "swiglu" else (n_layers, d, f)
+        ff_axes = ("layers", "embed", "gate", "mlp") if cfg.activation == "swiglu" else (
+            "layers", "embed", "mlp")
+        self.embed = _param(rngs.params(), (v, d), ("vocab", "embed"), std)
+        self.attn_norm = _param(None, (n_layers, d), ("layers", "norm"), 0)
+        self.wqkv = _param(rngs.params(), (n_layers, d, 3, h, k),
+                           ("layers", "embed", "qkv", "heads", "kv"), std)
+        self.wo = _param(rngs.params(), (n_layers, h, k, d), ("layers", "heads", "kv", "embed"),
+                         out_std)
+        self.mlp_norm = _param(None, (n_layers, d), ("layers", "norm"), 0)
+        self.w_in = _param(rngs.params(), ff_in, ff_axes, std)
+        self.w_out = _param(rngs.params(), (n_layers, f, d), ("layers", "mlp", "embed"), out_std)
+        self.final_norm = _param(None, (d,), ("norm",), 0)
+        self.unembed = None if cfg.tied_embeddings else _param(
+            rngs.params(), (d, v), ("embed", "vocab"), std)
+
+    def layer_params(self) -> Params:
+        """The stacked per-layer parameters, as a dict the scan slices along axis 0."""
+        names = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_in", "w_out")
+        return {name: getattr(self, name)[...] for name in names}
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        positions = jnp.arange(tokens.shape[1])
+        sin, cos = rope_tables(positions, head_dim(cfg), cfg.rope_theta)
+
+        def body(x, p):
+            return block(cfg, p, x, sin, cos), None
+
+        if cfg.remat != "none":
+            policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, self.layer_params())
+        x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        w = self.embed[...].T if self.unembed is None else self.unembed[...]
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * scale
+    return y.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin/cos tables [length, dim // 2] for rotary embeddings at the given positions."""
+    freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate (first half, second half) pairs of x [batch, length, heads, dim]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, None, :], cos[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_impl(cfg: ml_collections.ConfigDict) -> str | None:
+    """'auto' lets JAX choose (cuDNN flash attention on GPUs when it applies)."""
+    return None if cfg.attention == "auto" else cfg.attention
+
+
+def qkv_proj(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array):
+    """Normed input -> rotated q, k and v [batch, length, heads, head_dim]."""
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    qkv = jnp.einsum("btd,dchk->cbthk", h, p["wqkv"].astype(x.dtype))
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
+
+
+def mlp(cfg, p: Params, x: jax.Array) -> jax.Array:
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    if cfg.activation == "swiglu":
+        gu = jnp.einsum("btd,dcf->cbtf", h, p["w_in"].astype(x.dtype))
+        u = jax.nn.silu(gu[0]) * gu[1]
+    else:
+        u = jax.nn.gelu(jnp.einsum("btd,df->btf", h, p["w_in"].astype(x.dtype)))
+    u = constrain(u, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", u, p["w_out"].astype(x.dtype))
+
+
+def block(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """One pre-norm transformer block over a full (causal) sequence."""
+    q, k, v = qkv_proj(cfg, p, x, sin, cos)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_impl(cfg))
+    x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(x.dtype))
+    x = constrain(x, ("batch", "length", "embed"))
+    x = x + mlp(cfg, p, x)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0,
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy in float32, and the same plus z_loss·mean(log Z²)."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(log_z - target_logit)
+    return ce, ce + z_loss * jnp.mean(log_z**2)
+
+
+def logical_axes(state: nnx.State):
+    """Tree of logical axis tuples matching the (pure) parameter tree of `state`."""
+    return nnx.to_pure_dict(jax.tree.map(
+        lambda v: v.get_metadata()["axes"], state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
+def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0):
+    """(graphdef, abstract pure param dict, logical axes) without allocating anything."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state), logical_axes(state)
+
+
+def init_params(cfg: ml_collections.ConfigDict, seed: int, shardings=None) -> Params:
+    """Initialise the pure parameter dict, directly into `shardings` when given (no host copy)."""
+
+    def make() -> Params:
+        return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1])
+
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array) -> jax.Array:
+    """Pure forward pass: merge happens at trace time, so jitted callers pay nothing per step."""
+    return nnx.merge(graphdef, params)(tokens)

@@ -1,0 +1,173 @@
+"""Exact parameter counts, FLOPs per token (Hoffmann et al. 2022, App. F) and shape picking.
+
+Everything here is computed from the model config alone, without building the model, so
+sweeps can be planned before anything is allocated. Tests check the counts against the
+real parameter tree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_collections
+
+from configs.train import model_config
+from lm.config import head_dim
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    embedding: int  # input embedding + untied output projection (Kaplan et al. exclude them)
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+
+def count_params(m: ml_collections.ConfigDict) -> ParamCount:
+    """Parameters of `lm.model.Transformer` for this config (no biases anywhere)."""
+    return _count(m.d_model, m.n_layers, m.n_heads * head_dim(m), m.d_ff, m.vocab_size,
+                  m.activation == "swiglu", m.tied_embeddings)
+
+
+def _count(d: int, n_layers: int, hk: int, f: int, v: int, swiglu: bool, tied: bool,
+           ) -> ParamCount:
+    mlp = (3 if swiglu else 2) * d * f
+    per_layer = 2 * d + 3 * d * hk + hk * d + mlp  # two norms, qkv, output, mlp
+    embedding = v * d * (1 if tied else 2)
+    return ParamCount(total=n_layers * per_layer + d + embedding, embedding=embedding)
+
+
+def forward_flops_per_sequence(m: ml_collections.ConfigDict, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs of one sequence, term by term, as in Hoffmann et al. 2022 Appendix F.
+
+    Attention logits and the weighted sum count the full s×s square (as the paper does), and
+    the embedding lookup is a gather, so it counts 0; `embedding_matmul` reports what it
+    would cost as a matmul, for reference only.
+    """
+    s, d, v, f = seq_len, m.d_model, m.vocab_size, m.d_ff
+    h = m.n_heads
+    hk = h * head_dim(m)
+    per_layer = {
+        "attention_qkv": 2 * 3 * s * d * hk,
+        "attention_logits": 2 * s * s * hk,
+        "attention_softmax": 3 * h * s * s,
+        "attention_weighted_sum": 2 * s * s * hk,
+        "attention_output": 2 * s * hk * d,
+        "mlp": 2 * s * (3 if m.activation == "swiglu" else 2) * d * f,
+    }
+    terms = {name: float(m.n_layers * value) for name, value in per_layer.items()}
+    terms["final_logits"] = float(2 * s * d * v)
+    terms["embedding"] = 0.0
+    terms["forward_total"] = sum(terms.values())
+    terms["embedding_matmul"] = float(2 * s * v * d)
+    return terms
+
+
+def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Training FLOPs per token: 3 × forward (the backward pass costs twice the forward)."""
+    return 3 * forward_flops_per_sequence(m, seq_len)["forward_total"] / seq_len
+
+
+def flops_per_token_6n(m: ml_collections.ConfigDict) -> float:
+    """The 6·N approximation (N = total parameters), for comparison."""
+    return 6.0 * count_params(m).total
+
+
+def flops_per_token_palm(m: ml_collections.ConfigDict, seq_len: int) -> float:
+    """PaLM's model-FLOPs convention 6·N + 12·L·T·d (used for MFU comparisons)."""
+    return 6.0 * count_params(m).total + 12.0 * m.n_layers * seq_len * m.d_model
+
+
+def shape_for_params(
+    target: float,
+    *,
+    aspect_ratio: float = 64.0,
+    head_dim: int = 64,
+    ffn_ratio: float = 4.0,
+    base: ml_collections.ConfigDict | None = None,
+    count: str = "total",
+    tolerance: float = 0.05,
+) -> ml_collections.ConfigDict:
+    """A model config with about `target` parameters and d_model / n_layers ≈ `aspect_ratio`.
+
+    d_model is even (a multiple of 8 from 64 on); heads = round(d_model / head_dim), at least
+    1, dividing d_model; d_ff = ffn_ratio·d_model rounded to a multiple of 8 (SwiGLU keeps 2/3 of it
+    so the MLP cost matches). Among shapes within `tolerance` of the target the one closest
+    to the aspect ratio wins; if none is that close, the closest count wins. `count` is
+    "total" or "non_embedding". Other fields come from `base` (default: configs/train.py).
+    """
+    if not target > 0 or not aspect_ratio > 0 or head_dim <= 0 or not ffn_ratio > 0:
+        raise ValueError(
+            f"shape_for_params(target={target}, aspect_ratio={aspect_ratio}, head_dim={head_dim},"
+            f" ffn_ratio={ffn_ratio}): all must be positive")
+    if count not in ("total", "non_embedding"):
+        raise ValueError(f"count={count!r}: must be 'total' or 'non_embedding'")
+    base = base if base is not None else model_config()
+    swiglu = base.activation == "swiglu"
+    ratio = ffn_ratio * (2 / 3 if swiglu else 1)
+    log_tol = math.log1p(tolerance)
+    best, best_key = None, None
+    for n_layers in range(1, 1025):
+        center = n_layers * aspect_ratio
+        on_aspect = None
+        for d in _widths(center):
+            n_heads = max(1, round(d / head_dim))
+            if d % n_heads or (d // n_heads) % 2:
+                continue
+            f = _ffn(d, ratio)
+            pc = _count(d, n_layers, d, f, base.vocab_size, swiglu, base.tied_embeddings)
+            n = pc.total if count == "total" else pc.non_embedding
+            if on_aspect is None and d >= center:
+                on_aspect = n
+            err = abs(math.log(n / target))
+            aspect_err = abs(math.log(d / n_layers / aspect_ratio))
+            key = (err > log_tol, aspect_err if err <= log_tol else err)
+            if best_key is None or key < best_key:
+                best, best_key = (d, n_layers, n_heads, f), key
+        if on_aspect is not None and on_aspect > 8 * target:
+            break  # the on-aspect shape at this depth is too big already: deeper is worse
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff = best
+    cfg.head_dim = 0
+    return cfg
+
+
+def _widths(center: float) -> list[int]:
+    """Candidate widths up to 1.5·center: even below 64 (tiny models), multiples of 8 above."""
+    return list(range(2, 64, 2)) + list(range(64, max(64, int(center * 1.5)) + 1, 8))
+
+
+def _ffn(d: int, ratio: float) -> int:
+    return max(8, round(ratio * d / 8) * 8)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print model shapes for target sizes with their exact counts and FLOPs per token."""
+    import argparse
+
+    import numpy as np
+
+    parser = argparse.ArgumentParser(prog="python -m lm.sizing", description=main.__doc__)
+    parser.add_argument("--targets", type=float, nargs="+",
+                        default=[float(x) for x in np.logspace(5, 9, 9)])
+    parser.add_argument("--aspect_ratio", type=float, default=64.0)
+    parser.add_argument("--seq_len", type=int, default=1024)
+    parser.add_argument("--vocab_size", type=int, default=257)
+    parser.add_argument("--activation", choices=("gelu", "swiglu"), default="gelu")
+    args = parser.parse_args(argv)
+    base = model_config()
+    base.vocab_size, base.activation = args.vocab_size, args.activation
+    print(f"{'target':>9} {'d_model':>7} {'layers':>6} {'heads':>5} {'d_ff':>6} {'N':>12} "
+          f"{'N non-emb':>12} {'FLOPs/token':>12} {'/ 6N':>6}")
+    for target in args.targets:
+        m = shape_for_params(target, aspect_ratio=args.aspect_ratio, base=base)
+        pc, fpt = count_params(m), flops_per_token(m, args.seq_len)
+        print(f"{target:9.2e} {m.d_model:7d} {m.n_layers:6d} {m.n_heads:5d} {m.d_ff:6d} "
+              f"{pc.total:12,d} {pc.non_embedding:12,d} {fpt:12.4e} {fpt / (6 * pc.total):6.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Shared test helpers: tiny configs and a runner for code that needs its own JAX process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, devices: int = 1, timeout: float = 300, cwd: Path = ROOT,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter with `devices` virtual CPU devices; fail on error."""
+    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                    JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **(env or {}))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        pytest.fail(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def tiny_model():
+    """A two-layer byte-level model small enough for per-test compilation."""
+    from configs.train import model_config
+
+    m = model_config()
+    m.d_model, m.n_layers, m.n_heads, m.d_ff = 32, 2, 2, 64
+    return m

@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import model as model_lib
+from lm.sizing import count_params
+
+
+def _forward(cfg, tokens, seed=0):
+    graphdef, params = nnx.split(model_lib.Transformer(cfg, rngs=nnx.Rngs(seed)))
+    return model_lib.apply(graphdef, nnx.to_pure_dict(params), tokens)
+
+
+def test_causality(tiny_model):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, tiny_model.vocab_size, size=(2, 24))
+    logits = _forward(tiny_model, jnp.asarray(tokens))
+    for t in (0, 7, 22):
+        changed = tokens.copy()
+        changed[:, t + 1:] = rng.integers(0, tiny_model.vocab_size, size=changed[:, t + 1:].shape)
+        other = _forward(tiny_model, jnp.asarray(changed))
+        np.testing.assert_allclose(other[:, : t + 1], logits[:, : t + 1], atol=1e-5)
+        assert not np.allclose(other[:, t + 1:], logits[:, t + 1:])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("shape", [(32, 1, 2, 64, 0), (48, 3, 3, 96, 0), (64, 2, 2, 128, 16)])
+def test_param_count_matches_tree(tiny_model, activation, tied, shape):
+    cfg = tiny_model
+    cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.head_dim = shape
+    cfg.activation, cfg.tied_embeddings = activation, tied
+    _, params, _ = model_lib.abstract_model(cfg)
+    leaves = jax.tree.leaves(params)
+    assert count_params(cfg).total == sum(int(np.prod(x.shape)) for x in leaves)
+    embedding = params["embed"].size + (0 if tied else params["unembed"].size)
+    assert count_params(cfg).non_embedding == count_params(cfg).total - embedding
+
+
+def test_every_param_has_logical_axes(tiny_model):
+    _, params, axes = model_lib.abstract_model(tiny_model)
+    flat_p, flat_a = jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))
+    assert len(flat_p) == len(flat_a)
+    for p, a in zip(flat_p, flat_a, strict=True):
+        assert len(a) == p.ndim and all(isinstance(n, str) for n in a)
+
+
+def test_remat_and_bfloat16_match_float32(tiny_model):
+    tokens = jnp.arange(32).reshape(2, 16) % tiny_model.vocab_size
+    ref = _forward(tiny_model, tokens)
+    tiny_model.remat = "full"
+    np.testing.assert_allclose(_forward(tiny_model, tokens), ref, atol=1e-5)
+    tiny_model.remat, tiny_model.dtype = "none", "bfloat16"
+    out = _forward(tiny_model, tokens)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=0.1)
+
+
+def test_tied_embeddings_share_the_matrix(tiny_model):
+    tiny_model.tied_embeddings = True
+    _, params, _ = model_lib.abstract_model(tiny_model)
+    assert "unembed" not in params
+
+
+def test_cross_entropy_and_z_loss():
+    logits = jnp.log(jnp.array([[[0.25, 0.25, 0.5]]]))
+    ce, total = model_lib.cross_entropy(logits, jnp.array([[2]]), z_loss=0.5)
+    np.testing.assert_allclose(ce, np.log(2), rtol=1e-6)
+    np.testing.assert_allclose(total, ce, atol=1e-6)  # normalised logits: log Z = 0
+    ce2, total2 = model_lib.cross_entropy(logits + 1.0, jnp.array([[2]]), z_loss=0.5)
+    np.testing.assert_allclose(ce2, ce, rtol=1e-6)
+    np.testing.assert_allclose(total2, ce + 0.5, rtol=1e-6)
