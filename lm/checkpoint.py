@@ -68,3 +68,29 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` placed on `shardings` (a restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+def load_run(workdir: str | Path, step: int | None = None):
+    """(config, graphdef, params, step) of a run directory, parameters on the default device."""
+    import json
+
+    import ml_collections
+
+    from lm import model as model_lib
+
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config.mesh.shape = tuple(config.mesh.shape)
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
+    steps = ckpt.all_steps()
+    if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(f"{workdir}/checkpoints has checkpoints at steps {steps}; "
+                                f"asked for {'the latest' if step is None else step}")
+    graphdef, abstract, _ = model_lib.abstract_model(config.model, config.seed)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+    step = max(steps) if step is None else step
+    return config, graphdef, ckpt.restore_params(target, step), step

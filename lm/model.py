@@ -80,6 +80,44 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
 
+    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+        """Empty key/value cache [layers, batch, length, heads, head_dim] in the compute dtype."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, length, cfg.n_heads, head_dim(cfg))
+        return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+    def decode(self, tokens: jax.Array, cache: dict[str, jax.Array], t: jax.Array,
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One decoding step: tokens [batch] at position t -> logits [batch, vocab], new cache.
+
+        The cache has a fixed length, so this compiles once for any t; keys after t are masked.
+        """
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embed[...], tokens[:, None], axis=0).astype(dtype)
+        sin, cos = rope_tables(t[None], head_dim(cfg), cfg.rope_theta)
+        length = cache["k"].shape[2]
+        visible = (jnp.arange(length) <= t)[None, None, :]
+
+        def body(x, layer):
+            p, k_cache, v_cache = layer
+            q, k, v = qkv_proj(cfg, p, x, sin, cos)
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), t, 1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), t, 1)
+            scores = jnp.einsum("bhk,bshk->bhs", q[:, 0], k_cache,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+            probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+            o = jnp.einsum("bhs,bshk->bhk", probs.astype(dtype), v_cache)[:, None]
+            x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dtype))
+            return x + mlp(cfg, p, x), (k_cache, v_cache)
+
+        x, (k_new, v_new) = jax.lax.scan(body, x, (self.layer_params(), cache["k"], cache["v"]))
+        x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+        w = self.embed[...].T if self.unembed is None else self.unembed[...]
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+        return logits[:, 0], {"k": k_new, "v": v_new}
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, returned in x's dtype."""
     x32 = x.astype(jnp.float32)

@@ -30,6 +30,7 @@ from lm import model as model_lib
 from lm import optim, sharding
 from lm.checkpoint import Checkpointer, abstract_with_shardings
 from lm.config import ConfigError, validate
+from lm.evaluate import make_eval_step
 from lm.metrics import MetricsWriter, device_peak_flops, format_duration, write_json_atomic
 from lm.sizing import count_params, flops_per_token, flops_per_token_6n
 
@@ -113,18 +114,6 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx, lr_fn):
     return step
 
 
-def make_eval_step(graphdef):
-    """Sum of token losses and token count of one batch (token-weighted means add up)."""
-    loss_fn = make_loss_fn(graphdef, 0.0)
-
-    def step(params, batch):
-        _, ce = loss_fn(params, batch)
-        n = batch.shape[0] * (batch.shape[1] - 1)
-        return ce * n, jnp.asarray(n, jnp.float32)
-
-    return step
-
-
 class Preemption:
     """SIGTERM/SIGINT set a flag the loop polls; the loop saves and exits at a step boundary."""
 
@@ -199,7 +188,7 @@ class Trainer:
             self.eval_step = jax.jit(
                 make_eval_step(self.graphdef), in_shardings=(self.param_shardings,
                                                              self.batch_sharding),
-                out_shardings=(rep, rep)).lower(self.abstract_state["params"], batch).compile()
+                out_shardings=rep).lower(self.abstract_state["params"], batch).compile()
         self.compile_seconds = time.perf_counter() - t
 
     def init_state(self):
@@ -208,11 +197,11 @@ class Trainer:
             return jax.jit(self._make_state, out_shardings=self.state_shardings)()
 
     def evaluate(self, params, dataset) -> float:
-        total = count = 0.0
-        for local in dataset.eval_batches(jax.process_index(), jax.process_count()):
-            s, n = self.eval_step(params, data_lib.to_global(local, self.batch_sharding))
-            total, count = total + s, count + n
-        return float(total / count)
+        """Token-weighted mean loss over the fixed validation windows."""
+        sums = [self.eval_step(params, data_lib.to_global(local, self.batch_sharding))
+                for local in dataset.eval_batches(jax.process_index(), jax.process_count())]
+        sums = np.concatenate(jax.device_get(sums))
+        return float(sums.sum() / (len(sums) * self.config.data.seq_len))
 
 
 def load_pretrained(config: ml_collections.ConfigDict, trainer: Trainer):

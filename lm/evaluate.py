@@ -1,0 +1,106 @@
+"""Held-out evaluation of a checkpoint: `python -m lm.evaluate --workdir=DIR`.
+
+Reports the token-weighted mean loss with its standard error (over windows), perplexity and
+bits per byte, and writes eval.json. The training loop uses the same eval step, so the
+final eval loss of a run is reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import model as model_lib
+
+
+def make_eval_step(graphdef):
+    """params, batch [B, T+1] -> summed next-token loss per window [B] (float32)."""
+
+    def step(params, batch):
+        logits = model_lib.apply(graphdef, params, batch[:, :-1]).astype(jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(log_z - target, axis=-1)
+
+    return step
+
+
+def count_bytes(tokenizer, targets: np.ndarray) -> int:
+    """UTF-8 bytes the target tokens stand for: exact for bytes, decoded text otherwise."""
+    if tokenizer.vocab_size == 257 and tokenizer.eos_id == 256:  # the byte tokenizer
+        return int(np.sum(targets < 256))
+    return sum(len(tokenizer.decode(row).encode("utf-8")) for row in targets)
+
+
+def summarize(window_losses: np.ndarray, tokens_per_window: int, n_bytes: int) -> dict[str, Any]:
+    """Token-weighted mean loss, its standard error across windows, perplexity, bits per byte."""
+    per_window = window_losses / tokens_per_window
+    loss = float(window_losses.sum() / (len(window_losses) * tokens_per_window))
+    se = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else (
+        float("nan"))
+    return {"loss": loss, "loss_stderr": se, "perplexity": math.exp(loss),
+            "bits_per_byte": float(window_losses.sum() / math.log(2) / max(n_bytes, 1)),
+            "windows": len(window_losses), "tokens": len(window_losses) * tokens_per_window,
+            "bytes": n_bytes}
+
+
+def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None = None,
+             max_batches: int = 0, split: str = "validation") -> dict[str, Any]:
+    from lm import data as data_lib
+    from lm.checkpoint import load_run
+    from lm.metrics import write_json_atomic
+
+    workdir = Path(workdir)
+    config, graphdef, params, step = load_run(workdir, step)
+    if dataset:
+        config.data.dataset = dataset
+    if max_batches:
+        config.data.eval_batches = max_batches
+    if split not in ("validation", "train"):
+        raise ValueError(f"--split={split!r}: must be 'validation' or 'train'")
+    ds = data_lib.build_dataset(config)
+    eval_step = jax.jit(make_eval_step(graphdef))
+    losses, n_bytes = [], 0
+    batches = ds.eval_batches() if split == "validation" else (
+        ds.train_batch(k) for k in range(config.data.eval_batches))
+    for batch in batches:
+        losses.append(np.asarray(eval_step(params, jnp.asarray(batch))))
+        n_bytes += count_bytes(ds.tokenizer, batch[:, 1:])
+    result = summarize(np.concatenate(losses), config.data.seq_len, n_bytes)
+    result.update(step=step, dataset=config.data.dataset, split=split)
+    write_json_atomic(workdir / "eval.json", result)
+    return result
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "run directory")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+    flags.DEFINE_string("dataset", None, "dataset to evaluate on (default: the run's)")
+    flags.DEFINE_string("split", "validation", "validation or train")
+    flags.DEFINE_integer("max_batches", 0, "batches to evaluate (default: the run's eval_batches)")
+    flags.mark_flags_as_required(["workdir"])
+
+    def run(_):
+        f = flags.FLAGS
+        try:
+            r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        print(f"step {r['step']} on {r['dataset']}/{r['split']}: loss {r['loss']:.4f} "
+              f"± {r['loss_stderr']:.4f} | perplexity {r['perplexity']:.3f} | "
+              f"{r['bits_per_byte']:.4f} bits/byte | {r['tokens']:,} tokens "
+              f"-> {Path(f.workdir) / 'eval.json'}")
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
