@@ -1,0 +1,90 @@
+"""The `config.data` fields: allowed values, where data lives, and cheap up-front validation.
+
+Nothing here builds or reads a dataset, so `validate_data_config` can run before compilation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import ml_collections
+
+from lm.data.errors import DataError
+
+TOKENIZERS = ("bytes", "sentencepiece")
+EMBEDDED = "stdlib"  # the corpus made from the interpreter's standard library
+FOLDER = "folder"  # the user's own .txt / .jsonl files in data.text_dir
+BYTE_VOCAB_SIZE = 257  # 256 byte values + EOS
+MIN_SP_VOCAB_SIZE = 259  # 256 byte-fallback pieces, <unk>, </s> and at least one character
+
+
+def fail(field: str, value: Any, allowed: str) -> NoReturn:
+    raise DataError(f"config.{field} = {value!r} is not allowed: {allowed}")
+
+
+def data_root(data_cfg: ml_collections.ConfigDict) -> Path:
+    """Where datasets, tokenizers and token caches live: data.data_dir, $LM_DATA_DIR or ~/.cache/lm."""
+    root = data_cfg.data_dir or os.environ.get("LM_DATA_DIR") or "~/.cache/lm"
+    return Path(root).expanduser().absolute()
+
+
+def expected_vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
+    """The tokenizer's vocabulary size, known from the config alone (nothing is built)."""
+    if data_cfg.tokenizer == "bytes":
+        return BYTE_VOCAB_SIZE
+    if data_cfg.tokenizer == "sentencepiece":
+        return data_cfg.sp_vocab_size
+    fail("data.tokenizer", data_cfg.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
+
+
+def data_parallel_size(mesh_shape: Sequence[int], n_devices: int) -> int:
+    """Devices along the ("data", "fsdp") axes of a (data, fsdp, tensor) shape; -1 takes the rest."""
+    fixed = math.prod(s for s in mesh_shape if s != -1)
+    rest = n_devices // max(fixed, 1)
+    return math.prod(rest if s == -1 else s for s in tuple(mesh_shape)[:2])
+
+
+def _positive_int(data_cfg: ml_collections.ConfigDict, name: str) -> None:
+    value = data_cfg[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        fail(f"data.{name}", value, "must be a positive integer")
+
+
+def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
+    """Reject a bad `config.data` (raises DataError naming the field) without building anything.
+
+    Whether a named dataset exists and is prepared is checked when it is built.
+    """
+    d = config.data
+    if not d.dataset:
+        fail("data.dataset", d.dataset,
+             f"must be {EMBEDDED!r}, {FOLDER!r} or the name of a prepared tfds dataset")
+    if d.dataset == FOLDER and not d.text_dir:
+        fail("data.text_dir", d.text_dir, "data.dataset = 'folder' needs the folder of .txt/.jsonl files")
+    if d.dataset != FOLDER and d.text_dir:
+        fail("data.text_dir", d.text_dir,
+             f"is only read when data.dataset = 'folder' (it is {d.dataset!r}); set one or clear the other")
+    if not d.text_key:
+        fail("data.text_key", d.text_key, "must name the feature (or JSON field) holding the text")
+    for name in ("seq_len", "batch_size", "eval_batches", "sp_vocab_size"):
+        _positive_int(d, name)
+    vocab = expected_vocab_size(d)
+    if d.tokenizer == "sentencepiece" and vocab < MIN_SP_VOCAB_SIZE:
+        fail("data.sp_vocab_size", vocab,
+             f"must be at least {MIN_SP_VOCAB_SIZE} (256 byte pieces, <unk>, </s> and the characters)")
+    if config.model.vocab_size != vocab:
+        fail("model.vocab_size", config.model.vocab_size,
+             f"data.tokenizer = {d.tokenizer!r} has {vocab} ids; set model.vocab_size = {vocab}")
+    if n_devices is None:
+        import jax
+
+        n_devices = jax.device_count()
+    dp = data_parallel_size(config.mesh.shape, n_devices)
+    if d.batch_size % dp:
+        fail("data.batch_size", d.batch_size,
+             f"must be divisible by the data-parallel size {dp} (mesh data × fsdp axes of "
+             f"mesh.shape = {tuple(config.mesh.shape)} on {n_devices} devices)")
