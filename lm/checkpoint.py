@@ -15,9 +15,13 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False):
+    def __init__(self, directory: str | Path, keep: int = 2, read_only: bool = False,
+                 keep_steps: tuple[int, ...] = ()):
+        """Keeps the latest `keep` checkpoints, and those at `keep_steps` for good."""
+        cm = ocp.checkpoint_managers
+        policy = cm.AnyPreservationPolicy([cm.LatestN(keep), cm.CustomSteps(list(keep_steps))])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
+            preservation_policy=policy, create=not read_only, read_only=read_only,
             enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options,

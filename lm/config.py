@@ -55,6 +55,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     _choice(m, "model", "dtype", DTYPES)
     _choice(m, "model", "remat", REMAT)
     _choice(m, "model", "attention", ATTENTION)
+    if not isinstance(m.unroll_layers, bool):
+        fail("model.unroll_layers", m.unroll_layers, "must be True or False")
     for name in ("rope_theta", "norm_eps", "init_std"):
         if not m[name] > 0:
             fail(f"model.{name}", m[name], "must be > 0")
@@ -94,6 +96,8 @@ def validate_optim(o: ml_collections.ConfigDict) -> None:
         if o[name] < 0:
             fail(f"optim.{name}", o[name], "must be >= 0 (0 disables it)")
     _positive(o, "optim", ("base_width",))
+    if o.warmup_steps < 0:
+        fail("optim.warmup_steps", o.warmup_steps, "must be >= 0 (0: use optim.warmup_frac)")
 
 
 def validate_train(config: ml_collections.ConfigDict) -> None:
@@ -102,6 +106,10 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
         fail("train.tokens", t.tokens, "must be > 0 (or set train.steps > 0)")
     _positive(t, "train", ("microbatches", "log_every", "eval_every", "checkpoint_every",
                            "keep_checkpoints"))
+    if t.init_mode not in ("params", "state"):
+        fail("train.init_mode", t.init_mode, "must be 'params' (fine-tune) or 'state' (branch)")
+    if any(not isinstance(s, int) or s <= 0 for s in t.save_steps):
+        fail("train.save_steps", t.save_steps, "must be positive step numbers")
     if config.data.batch_size % t.microbatches:
         fail("train.microbatches", t.microbatches,
              f"must divide data.batch_size = {config.data.batch_size}")

@@ -73,7 +73,7 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, self.layer_params())
+        x, _ = jax.lax.scan(body, x, self.layer_params(), unroll=cfg.unroll_layers)
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
         w = self.embed[...].T if self.unembed is None else self.unembed[...]
         logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)

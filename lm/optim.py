@@ -23,7 +23,7 @@ def peak_lr(o: ml_collections.ConfigDict, d_model: int) -> float:
 
 def schedule(o: ml_collections.ConfigDict, peak: float, steps: int) -> optax.Schedule:
     """Linear warmup from 0, then cosine, warmup-stable-decay or constant."""
-    warmup = round(o.warmup_frac * steps)
+    warmup = o.warmup_steps or round(o.warmup_frac * steps)
     last = max(steps - 1, 1)
 
     def lr(t):

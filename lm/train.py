@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from lm import data as data_lib
+from lm import distributed, optim, sharding
 from lm import model as model_lib
-from lm import optim, sharding
 from lm.checkpoint import Checkpointer, abstract_with_shardings
 from lm.config import ConfigError, validate
 from lm.evaluate import make_eval_step
@@ -108,7 +108,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx, lr_fn):
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": ce, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state["step"])}
+        metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
         return new_state, metrics
 
     return step
@@ -133,10 +133,16 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def _without_mesh(config: dict) -> dict:
+    """The parts of a config that define the run: the mesh may change between restarts."""
+    return {k: v for k, v in config.items() if k != "mesh"}
+
+
 def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
     """Create the workdir; refuse a different config unless `overwrite` (which starts afresh)."""
     saved = workdir / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != json.loads(config.to_json()):
+    if saved.exists() and _without_mesh(json.loads(saved.read_text())) != _without_mesh(
+            json.loads(config.to_json())):
         if not overwrite:
             raise ConfigError(
                 f"{workdir} holds a run with a different config ({saved}); use another workdir, "
@@ -185,11 +191,11 @@ class Trainer:
                 in_shardings=(self.state_shardings, self.batch_sharding),
                 out_shardings=(self.state_shardings, rep), donate_argnums=0,
             ).lower(self.abstract_state, batch).compile()
+            self.compile_seconds = time.perf_counter() - t
             self.eval_step = jax.jit(
                 make_eval_step(self.graphdef), in_shardings=(self.param_shardings,
                                                              self.batch_sharding),
                 out_shardings=rep).lower(self.abstract_state["params"], batch).compile()
-        self.compile_seconds = time.perf_counter() - t
 
     def init_state(self):
         """Fresh state, created directly in its shardings (no full copy on one device)."""
@@ -204,9 +210,16 @@ class Trainer:
         return float(sums.sum() / (len(sums) * self.config.data.seq_len))
 
 
-def load_pretrained(config: ml_collections.ConfigDict, trainer: Trainer):
-    """Parameters of `train.init_from` (at `init_step`, default latest) for a fresh fine-tune."""
-    source = Path(config.train.init_from)
+def load_init(config: ml_collections.ConfigDict, trainer: Trainer):
+    """What `train.init_from` gives a run that has no checkpoint of its own.
+
+    init_mode "params": that checkpoint's parameters with a fresh optimizer and step 0
+    (fine-tuning). "state": its parameters, optimizer state, step and loss history, so the
+    run continues that one under its own schedule (a WSD cooldown branch).
+    Returns (state, start step, meta).
+    """
+    t = config.train
+    source = Path(t.init_from)
     saved = source / "config.json"
     if not saved.exists():
         raise ConfigError(f"config.train.init_from = {str(source)!r}: no config.json there "
@@ -221,12 +234,21 @@ def load_pretrained(config: ml_collections.ConfigDict, trainer: Trainer):
             f"config.train.init_from = {str(source)!r} has a different model: " + ", ".join(
                 f"model.{k} is {t!r} there and {o!r} here" for k, (t, o) in diff.items()))
     ckpt = Checkpointer(source / "checkpoints", read_only=True)
-    step = None if config.train.init_step < 0 else config.train.init_step
+    step = None if t.init_step < 0 else t.init_step
     if step is None and ckpt.latest_step() is None or step is not None and (
             step not in ckpt.all_steps()):
-        raise ConfigError(f"config.train.init_step = {config.train.init_step}: {source} has "
+        raise ConfigError(f"config.train.init_step = {t.init_step}: {source} has "
                           f"checkpoints at steps {ckpt.all_steps()}")
-    return ckpt.restore_params(trainer.abstract_state["params"], step)
+    if t.init_mode == "params":
+        state = trainer.init_state()
+        state["params"] = ckpt.restore_params(trainer.abstract_state["params"], step)
+        print(f"initialised parameters from {source} step {step or ckpt.latest_step()}",
+              flush=True)
+        return state, 0, None
+    state, meta = ckpt.restore(trainer.abstract_state, step)
+    start = int(jax.device_get(state["step"]))
+    print(f"branched from {source} at step {start}", flush=True)
+    return state, start, meta
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: bool = False,
@@ -240,17 +262,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
     mesh = sharding.make_mesh(config.mesh.shape)
     dataset = data_lib.build_dataset(config)
     trainer = Trainer(config, mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                        keep_steps=tuple(config.train.save_steps))
     start = ckpt.latest_step()
-    meta: dict[str, Any] = {"losses": {}, "train_seconds": 0.0, "wall_seconds": 0.0}
+    fresh: dict[str, Any] = {"losses": {}, "train_seconds": 0.0, "wall_seconds": 0.0,
+                             "trained_steps": 0}
     if start is not None:
         state, meta = ckpt.restore(trainer.abstract_state, start)
         print(f"resumed from step {start} of {shape.steps}", flush=True)
+    elif config.train.init_from:
+        state, start, meta = load_init(config, trainer)
+        meta = {**fresh, "losses": meta["losses"]} if meta else fresh
     else:
-        state = trainer.init_state()
-        if config.train.init_from:
-            state["params"] = load_pretrained(config, trainer)
-        start = 0
+        state, start, meta = trainer.init_state(), 0, fresh
     losses = {int(k): v for k, v in meta["losses"].items()}
     writer = MetricsWriter(workdir, start)
     peak = device_peak_flops() * jax.device_count()
@@ -269,7 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
     preemption = Preemption()
     status, diverged_step, eval_loss = "completed", None, float("nan")
     pending: list[tuple[int, dict]] = []
-    train_seconds = meta["train_seconds"]
+    train_seconds, trained_steps = meta["train_seconds"], meta["trained_steps"]
     interval_start, interval_tokens = time.perf_counter(), 0
     batch = host_batch(start) if start < shape.steps else None
     try:
@@ -282,7 +306,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
             interval_tokens += shape.tokens_per_step
             log = done % config.train.log_every == 0 or done == shape.steps
             evaluate = done % config.train.eval_every == 0 or done == shape.steps
-            save = done % config.train.checkpoint_every == 0 or done == shape.steps
+            save = (done % config.train.checkpoint_every == 0 or done == shape.steps
+                    or done in config.train.save_steps)
             preempt = preemption.requested or (
                 jax.process_count() > 1 and ckpt.manager.reached_preemption(done))
             if not (log or evaluate or save or preempt):
@@ -299,6 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
                 break
             now = time.perf_counter()
             train_seconds += now - interval_start
+            trained_steps += interval_tokens // shape.tokens_per_step
             tok_s = interval_tokens / max(now - interval_start, 1e-9)
             if log:
                 last = fetched[-1][1]
@@ -325,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
             if save or preempt:
                 tail = {s: v for s, v in losses.items() if s >= done - keep}
                 ckpt.save(done, state, {
-                    "losses": tail, "train_seconds": train_seconds,
+                    "losses": tail, "train_seconds": train_seconds, "trained_steps": trained_steps,
                     "wall_seconds": meta["wall_seconds"] + time.perf_counter() - wall_start})
             if preempt:
                 status = "preempted"
@@ -338,7 +364,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
     done = shape.steps if status == "completed" else int(jax.device_get(state["step"]))
     tail = [losses[s] for s in range(done - window, done) if s in losses]
     tokens = done * shape.tokens_per_step
-    tok_s = tokens / train_seconds if train_seconds > 0 else float("nan")
+    # Throughput counts only the steps this run trained itself (not a branch's shared trunk).
+    tok_s = (trained_steps * shape.tokens_per_step / train_seconds if train_seconds > 0
+             else float("nan"))
     result = {
         "status": status, "name": workdir.name, "steps": done, "planned_steps": shape.steps,
         "n_params": shape.n_params, "n_params_non_embedding": shape.n_params_non_embedding,
@@ -369,9 +397,14 @@ def main(argv: list[str]) -> None:
     config_flags.DEFINE_config_file("config", "configs/train.py", "training config file")
     flags.DEFINE_string("workdir", None, "run directory (created; resumed if it has checkpoints)")
     flags.DEFINE_bool("overwrite", False, "discard a run with a different config in workdir")
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
     flags.mark_flags_as_required(["workdir"])
 
     def run(_):
+        f = flags.FLAGS
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
         try:
             result = train(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
         except (ConfigError, data_lib.DataError) as e:

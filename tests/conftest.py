@@ -33,3 +33,9 @@ def tiny_model():
     m = model_config()
     m.d_model, m.n_layers, m.n_heads, m.d_ff = 32, 2, 2, 64
     return m
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One data dir per test session: corpora and token caches are built once."""
+    return tmp_path_factory.mktemp("data")
