@@ -124,5 +124,6 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None) ->
     validate_model(config.model)
     validate_optim(config.optim)
     validate_train(config)
-    mesh_shape(config.mesh.shape, n_devices or jax.device_count())
-    data.validate_data_config(config)
+    n_devices = n_devices or jax.device_count()
+    mesh_shape(config.mesh.shape, n_devices)
+    data.validate_data_config(config, n_devices)

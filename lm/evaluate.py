@@ -89,7 +89,10 @@ def main(argv: list[str]) -> None:
     flags.mark_flags_as_required(["workdir"])
 
     def run(_):
+        from lm.metrics import quiet_library_logs
+
         f = flags.FLAGS
+        quiet_library_logs()
         try:
             r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split)
         except (FileNotFoundError, ValueError) as e:

@@ -126,7 +126,9 @@ def main(argv: list[str]) -> None:
     def run(_):
         from lm.checkpoint import load_run
         from lm.data import get_tokenizer
+        from lm.metrics import quiet_library_logs
 
+        quiet_library_logs()
         f = flags.FLAGS
         try:
             config, graphdef, params, step = load_run(f.workdir, f.step)

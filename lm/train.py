@@ -31,7 +31,13 @@ from lm import model as model_lib
 from lm.checkpoint import Checkpointer, abstract_with_shardings
 from lm.config import ConfigError, validate
 from lm.evaluate import make_eval_step
-from lm.metrics import MetricsWriter, device_peak_flops, format_duration, write_json_atomic
+from lm.metrics import (
+    MetricsWriter,
+    device_peak_flops,
+    format_duration,
+    quiet_library_logs,
+    write_json_atomic,
+)
 from lm.sizing import count_params, flops_per_token, flops_per_token_6n
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to continue
@@ -404,6 +410,7 @@ def main(argv: list[str]) -> None:
 
     def run(_):
         f = flags.FLAGS
+        quiet_library_logs()
         distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
         try:
             result = train(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
