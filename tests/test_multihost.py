@@ -1,0 +1,107 @@
+"""Multi-process training (2 CPU processes × 4 devices, gloo) and restoring onto another mesh."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, run_python
+from .test_train import overrides
+
+STEPS = 60
+
+
+@pytest.fixture
+def config(data_dir):
+    from configs.train import get_config
+
+    c = get_config()
+    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 2, 2, 64
+    c.data.data_dir = str(data_dir)
+    c.data.seq_len, c.data.batch_size, c.data.eval_batches = 32, 8, 2
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = (
+        STEPS, 10, STEPS, 30)
+    c.optim.peak_lr = 1e-2
+    return c
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _train_cmd(config, workdir, mesh, extra=()):
+    return [sys.executable, "-m", "lm.train", "--config=configs/train.py",
+            f"--workdir={workdir}", *overrides(config), f"--config.mesh.shape={mesh}", *extra]
+
+
+def _env(devices: int) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _single_process(config, workdir, mesh, devices):
+    proc = subprocess.run(_train_cmd(config, workdir, mesh), cwd=ROOT, env=_env(devices),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((workdir / "result.json").read_text())
+
+
+def _two_processes(config, workdir, kill_after_checkpoint: bool):
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _train_cmd(config, workdir, "(1,8,1)", [f"--coordinator_address=localhost:{port}",
+                                                "--num_processes=2", f"--process_id={i}"]),
+        cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    if kill_after_checkpoint:
+        deadline = time.time() + 240
+        while not (workdir / "checkpoints" / "30").is_dir():
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, [
+                p.stdout.read() for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        for p in procs:
+            p.kill()
+            p.wait()
+        return None
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return outs
+
+
+def test_two_processes_fsdp_kill_and_resume(config, tmp_path):
+    reference = _single_process(config, tmp_path / "one", "(1,8,1)", 8)
+    workdir = tmp_path / "multi"
+    _two_processes(config, workdir, kill_after_checkpoint=True)
+    outs = _two_processes(config, workdir, kill_after_checkpoint=False)
+    assert "resumed from step" in outs[0]
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["status"] == "completed" and result["devices"] == 8
+    assert result["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-4)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines))  # only process 0 writes
+
+
+def test_restore_on_another_mesh_and_device_count(config, tmp_path):
+    saved = tmp_path / "saved"
+    reference = _single_process(config, saved, "(2,2,2)", 8)
+    moved = tmp_path / "moved"
+    shutil.copytree(saved, moved)
+    shutil.rmtree(moved / "checkpoints" / str(STEPS))
+    result = _single_process(config, moved, "(4,1,1)", 4)
+    assert result["status"] == "completed"
+    assert result["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-4)
+    run_python(f"""
+        import numpy as np
+        from lm.checkpoint import load_run
+        a = load_run("{saved}")[2]
+        b = load_run("{moved}")[2]
+        for k in a:
+            np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-6)
+    """)
