@@ -51,7 +51,9 @@ def summarize(window_losses: np.ndarray, tokens_per_window: int, n_bytes: int) -
 
 
 def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None = None,
-             max_batches: int = 0, split: str = "validation") -> dict[str, Any]:
+             max_batches: int = 0, split: str = "validation", text_dir: str | None = None,
+             ) -> dict[str, Any]:
+    """Loss of a run's checkpoint on its own (or another) dataset; also written to eval.json."""
     from lm import data as data_lib
     from lm.checkpoint import load_run
     from lm.metrics import write_json_atomic
@@ -59,7 +61,9 @@ def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None =
     workdir = Path(workdir)
     config, graphdef, params, step = load_run(workdir, step)
     if dataset:
-        config.data.dataset = dataset
+        config.data.dataset, config.data.text_dir = dataset, ""
+    if text_dir:
+        config.data.dataset, config.data.text_dir = "folder", text_dir
     if max_batches:
         config.data.eval_batches = max_batches
     if split not in ("validation", "train"):
@@ -84,6 +88,7 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "run directory")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     flags.DEFINE_string("dataset", None, "dataset to evaluate on (default: the run's)")
+    flags.DEFINE_string("text_dir", None, "evaluate on this folder of .txt/.jsonl files instead")
     flags.DEFINE_string("split", "validation", "validation or train")
     flags.DEFINE_integer("max_batches", 0, "batches to evaluate (default: the run's eval_batches)")
     flags.mark_flags_as_required(["workdir"])
@@ -94,7 +99,7 @@ def main(argv: list[str]) -> None:
         f = flags.FLAGS
         quiet_library_logs()
         try:
-            r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split)
+            r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split, f.text_dir)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         print(f"step {r['step']} on {r['dataset']}/{r['split']}: loss {r['loss']:.4f} "

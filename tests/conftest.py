@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from configs.train import get_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,32 @@ def tiny_model():
 def data_dir(tmp_path_factory):
     """One data dir per test session: corpora and token caches are built once."""
     return tmp_path_factory.mktemp("data")
+
+
+STEPS = 300
+
+
+def make_config(data_dir: Path):
+    """The tiny byte-level model every training test starts from."""
+    c = get_config()
+    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 2, 2, 64
+    c.data.data_dir = str(data_dir)
+    c.data.seq_len, c.data.batch_size, c.data.eval_batches = 32, 8, 2
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = STEPS, 10, 100, 50
+    c.optim.peak_lr = 1e-2
+    return c
+
+
+@pytest.fixture
+def config(data_dir):
+    return make_config(data_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(data_dir, tmp_path_factory):
+    """The uninterrupted run every resume test compares against (trained once per session)."""
+    from lm.train import train
+
+    workdir = tmp_path_factory.mktemp("reference")
+    result = train(make_config(data_dir), workdir)
+    return workdir, result

@@ -19,25 +19,7 @@ from lm import optim
 from lm.checkpoint import Checkpointer
 from lm.config import ConfigError
 
-from .conftest import ROOT, run_python
-
-STEPS = 300
-
-
-def make_config(data_dir: Path):
-    """The tiny byte-level model every training test starts from."""
-    c = get_config()
-    c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 2, 2, 64
-    c.data.data_dir = str(data_dir)
-    c.data.seq_len, c.data.batch_size, c.data.eval_batches = 32, 8, 2
-    c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = STEPS, 10, 100, 50
-    c.optim.peak_lr = 1e-2
-    return c
-
-
-@pytest.fixture
-def config(data_dir):
-    return make_config(data_dir)
+from .conftest import ROOT, STEPS, run_python
 
 
 def overrides(c) -> list[str]:
@@ -65,16 +47,6 @@ def final_params(workdir: Path, config):
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
     state, _ = ckpt.restore(trainer.abstract_state)
     return jax.device_get(state["params"]), ckpt.latest_step()
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """The uninterrupted run every resume test compares against (trained once per module)."""
-    from lm.train import train
-
-    workdir = tmp_path_factory.mktemp("reference")
-    result = train(make_config(data_dir), workdir)
-    return workdir, result
 
 
 def test_outputs_and_learning(config, reference, data_dir):
