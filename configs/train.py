@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.text_key = "text"
     c.data.tokenizer = "bytes"  # or "sentencepiece"
     c.data.sp_vocab_size = 4096
+    c.data.tokenizer_path = ""  # an existing SentencePiece .model (e.g. a run's tokenizer.model)
     c.data.seq_len = 128
     c.data.batch_size = 16  # global, all processes
     c.data.seed = 0

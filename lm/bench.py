@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_line(r), flush=True)
         results.append(r)
     if args.json:
-        from lm.metrics import write_json_atomic
+        from lm.files import write_json_atomic
 
         write_json_atomic(args.json, results)
 

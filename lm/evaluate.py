@@ -56,7 +56,7 @@ def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None =
     """Loss of a run's checkpoint on its own (or another) dataset; also written to eval.json."""
     from lm import data as data_lib
     from lm.checkpoint import load_run
-    from lm.metrics import write_json_atomic
+    from lm.files import write_json_atomic
 
     workdir = Path(workdir)
     config, graphdef, params, step = load_run(workdir, step)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,33 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lm.files import write_bytes_atomic, write_json_atomic
+
 # Dense bf16 peak FLOP/s per device (the sparse figures are twice these).
 PEAK_FLOPS = {
     "h100": 989e12, "h200": 989e12, "gh200": 989e12, "a100": 312e12,
     "tpu v4": 275e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
 }
-
-
-def _strict(obj: Any) -> Any:
-    """NaN and inf become null, so the file is strict JSON for every reader."""
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_strict(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, then rename: readers never see half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_strict(obj), f, indent=2, sort_keys=True, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def cache_dir() -> Path:
@@ -93,9 +71,7 @@ class MetricsWriter:
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and resume_step is not None
                     and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(f"{line}\n" for line in keep))
-            os.replace(tmp, self.path)
+            write_bytes_atomic(self.path, "".join(f"{line}\n" for line in keep).encode())
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30)
@@ -129,3 +105,6 @@ def quiet_library_logs() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("jax", "orbax", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Orbax warns on every read-only open, which is how evaluate/generate/fine-tune read runs.
+    logging.getLogger("absl").addFilter(lambda record: not any(
+        s in record.getMessage() for s in ("Given directory is read only", "read_only=True")))

@@ -31,12 +31,12 @@ from lm import model as model_lib
 from lm.checkpoint import Checkpointer, abstract_with_shardings
 from lm.config import ConfigError, validate
 from lm.evaluate import make_eval_step
+from lm.files import write_bytes_atomic, write_json_atomic
 from lm.metrics import (
     MetricsWriter,
     device_peak_flops,
     format_duration,
     quiet_library_logs,
-    write_json_atomic,
 )
 from lm.sizing import count_params, flops_per_token, flops_per_token_6n
 
@@ -287,6 +287,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
     window = max(1, math.ceil(shape.steps / 100))  # train_loss: mean of the last 1 % of steps
     keep = max(window, config.train.log_every)
     is_main = jax.process_index() == 0
+    tokenizer_file = getattr(dataset.tokenizer, "path", None)
+    if is_main and tokenizer_file is not None:  # the run carries its tokenizer (fine-tuning reuses it)
+        write_bytes_atomic(workdir / "tokenizer.model", Path(tokenizer_file).read_bytes())
     if is_main:
         print(f"{shape.n_params:,} params ({shape.n_params_non_embedding:,} non-embedding), "
               f"{shape.steps} steps × {shape.tokens_per_step} tokens, {sharding.describe(mesh)}, "

@@ -75,3 +75,27 @@ def test_sentencepiece_vocab_too_large_for_corpus(sp_config):
     sp_config.sp_vocab_size = 50_000
     with pytest.raises(DataError, match=r"sp_vocab_size = 50000 does not work for lm_text_folder.*too high"):
         get_tokenizer(sp_config)
+
+
+def test_tokenizer_path_reuses_a_trained_model_on_other_text(sp_config, tmp_path, monkeypatch):
+    """Fine-tuning keeps the pretrained pieces: data.tokenizer_path is loaded, never retrained."""
+    from lm.data.settings import validate_data_config
+
+    trained = get_tokenizer(sp_config)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("completely different text, with other words\n" * 50)
+    monkeypatch.setattr(dataset_lib, "train_sentencepiece", lambda *a: pytest.fail("retrained"))
+    sp_config.update(text_dir=str(other), tokenizer_path=str(trained.path))
+    reused = get_tokenizer(sp_config)
+    assert reused.name == trained.name
+    sp_config.sp_vocab_size = 512
+    with pytest.raises(DataError, match=r"data.sp_vocab_size = 512 .* 320 pieces of data.tokenizer_path"):
+        get_tokenizer(sp_config)
+    c = get_config()
+    c.data.tokenizer_path = str(trained.path)
+    with pytest.raises(DataError, match=r"data.tokenizer_path .* but data.tokenizer = 'bytes'"):
+        validate_data_config(c, n_devices=1)
+    c.data.update(tokenizer="sentencepiece", tokenizer_path=str(tmp_path / "missing.model"))
+    with pytest.raises(DataError, match=r"must be an existing SentencePiece .model file"):
+        validate_data_config(c, n_devices=1)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from lm.files import temporary_path
 
 COPY_STEP = 1 << 24  # elements copied at a time from the raw stream into the .npy
 
@@ -34,27 +33,9 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _temporary(path: Path, suffix: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _temporary(path, ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, json.dumps(obj, indent=1).encode())
-
-
 def write_array_atomic(path: Path, chunks: Iterable[np.ndarray], dtype: np.dtype) -> int:
     """Stream 1-D chunks into the flat .npy `path` without holding them all; returns its length."""
-    raw, npy = _temporary(path, ".raw"), _temporary(path, ".npy")
+    raw, npy = temporary_path(path, ".raw"), temporary_path(path, ".npy")
     try:
         n = 0
         with open(raw, "wb") as f:

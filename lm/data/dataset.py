@@ -12,6 +12,7 @@ import json
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import grain
 import jax
@@ -19,12 +20,13 @@ import ml_collections
 import numpy as np
 
 from lm.data import pipeline
-from lm.data.cache import file_lock, load_array, write_array_atomic, write_json_atomic
+from lm.data.cache import file_lock, load_array, write_array_atomic
 from lm.data.errors import DataError
 from lm.data.settings import TOKENIZERS, fail
 from lm.data.sources import Corpus, open_corpus
 from lm.data.splits import TRAIN
 from lm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from lm.files import write_json_atomic
 
 SP_SAMPLE_BYTES = 8 << 20  # SentencePiece trains on this much train text: a few seconds
 READ_CHUNK = 512  # documents read and tokenized together
@@ -35,6 +37,13 @@ def _tokenizer(data_cfg: ml_collections.ConfigDict, corpus: Corpus | None) -> To
         return ByteTokenizer()
     if data_cfg.tokenizer != "sentencepiece":
         fail("data.tokenizer", data_cfg.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
+    if data_cfg.get("tokenizer_path"):
+        tokenizer = SentencePieceTokenizer(Path(data_cfg.tokenizer_path))
+        if tokenizer.vocab_size != data_cfg.sp_vocab_size:
+            fail("data.sp_vocab_size", data_cfg.sp_vocab_size,
+                 f"must equal the {tokenizer.vocab_size} pieces of data.tokenizer_path = "
+                 f"{data_cfg.tokenizer_path!r}")
+        return tokenizer
     corpus = corpus or open_corpus(data_cfg)
     path = corpus.cache_dir / f"sentencepiece-bpe-{data_cfg.sp_vocab_size}.model"
     if not path.exists():

@@ -73,6 +73,12 @@ def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | Non
     for name in ("seq_len", "batch_size", "eval_batches", "sp_vocab_size"):
         _positive_int(d, name)
     vocab = expected_vocab_size(d)
+    if d.get("tokenizer_path"):
+        if d.tokenizer != "sentencepiece":
+            fail("data.tokenizer_path", d.tokenizer_path,
+                 f"is a SentencePiece model, but data.tokenizer = {d.tokenizer!r}")
+        if not Path(d.tokenizer_path).is_file():
+            fail("data.tokenizer_path", d.tokenizer_path, "must be an existing SentencePiece .model file")
     if d.tokenizer == "sentencepiece" and vocab < MIN_SP_VOCAB_SIZE:
         fail("data.sp_vocab_size", vocab,
              f"must be at least {MIN_SP_VOCAB_SIZE} (256 byte pieces, <unk>, </s> and the characters)")

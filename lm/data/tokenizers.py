@@ -17,8 +17,8 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
-from lm.data.cache import write_bytes_atomic
 from lm.data.errors import DataError
+from lm.files import write_bytes_atomic
 
 REPLACEMENT = "\ufffd"
 SP_MAX_CHARS = 4096  # SentencePiece skips longer training sentences, so documents are cut at lines
@@ -73,7 +73,8 @@ class SentencePieceTokenizer:
     """A trained SentencePiece model: identity normalization and byte fallback, so text round-trips."""
 
     def __init__(self, model_path: Path):
-        proto = Path(model_path).read_bytes()
+        self.path = Path(model_path)
+        proto = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self._sp.vocab_size()
         self.eos_id = self._sp.eos_id()
