@@ -1,0 +1,61 @@
+"""The embedded default IsoFLOP sweep: byte-level stdlib corpus, CPU, 3 budgets × 5 sizes.
+
+Shapes climb one rung of a width×depth ladder per budget so every budget brackets its
+optimum; the learning rate scales as 1/width (see docs/experiments.md for how these were
+chosen and what the sweep measured).
+"""
+
+import ml_collections
+
+from configs import train
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "tiny"
+    c.sweep_dir = "sweeps/tiny"
+
+    t = train.get_config()
+    t.data.seq_len, t.data.batch_size, t.data.eval_batches = 128, 16, 8
+    t.optim.lr_rule, t.optim.peak_lr, t.optim.base_width, t.optim.max_lr = (
+        "inverse_width", 6e-3, 128, 2e-2)
+    t.optim.warmup_frac, t.optim.final_frac = 0.05, 0.1
+    t.train.log_every, t.train.eval_every, t.train.checkpoint_every = 50, 250, 200
+    c.train = t
+
+    c.budgets = (3e11, 1e12, 3e12)
+    # Per budget, explicit d_model×n_layers shapes (empty: generate sizes around the optimum).
+    c.shapes = (
+        "16x1,16x2,24x2,32x2,48x2",
+        "16x2,24x2,32x2,48x2,64x2",
+        "24x2,32x2,48x2,64x2,80x3",
+    )
+    c.head_dim = 16
+    c.ffn_ratio = 4.0
+    # Generated sizes (used when `shapes` is empty): log-spaced around N = sqrt(C / (6 r)).
+    c.sizes_per_budget = 7
+    c.size_span = 16.0  # largest / smallest size in a budget
+    c.tokens_per_param = 20.0  # r: where the centre of each budget's sizes sits
+    c.aspect_ratio = 64.0
+    # Batch rule: batch_size × (N / batch_ref_params) ** batch_exponent, a power of two.
+    c.batch_exponent = 0.0
+    c.batch_ref_params = 1e6
+    c.mode = "cosine"  # "cosine": independent runs; "wsd": cooldown branches from one trunk per size
+    c.cooldown_frac = 0.2  # wsd mode: each run's cooldown, as a fraction of its steps
+    c.flops = "exact"  # "exact" (Hoffmann et al. App. F) or "6nd": which count meets the budget
+
+    c.runner = "subprocess"  # "local" (this process), "subprocess" or "slurm"
+    c.workers = 2  # subprocess runner: parallel runs (CPU: single-threaded each; GPU: one each)
+    c.slurm = ml_collections.ConfigDict()
+    c.slurm.partition = ""
+    c.slurm.time_min = 240
+    c.slurm.gpus_per_node = 1
+    c.slurm.nodes = 1
+    c.slurm.cpus_per_task = 8
+    c.slurm.array = True  # one job array for the sweep (False: one job per run)
+    c.slurm.array_parallelism = 16
+
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.n = "total"  # "total" or "non_embedding" parameters
+    c.analysis.bootstrap = 1000
+    return c

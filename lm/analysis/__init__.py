@@ -1,0 +1,111 @@
+"""Scaling-law analysis: results → DataFrame → Chinchilla approaches 1, 2, 3 → plots → report.
+
+    from lm import analysis
+    fits = analysis.run("sweeps/tiny")                  # writes fits.json, report.md, PNGs
+    analysis.optimal_allocation(fits["approach3"], 1e21)  # (N_opt, D_opt)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+from lm.analysis import plots, report
+from lm.analysis.approach1 import fit_approach1
+from lm.analysis.approach2 import fit_approach2
+from lm.analysis.approach3 import closed_form_optimum, fit_approach3, law
+from lm.analysis.load import fit_points, from_table, load
+from lm.files import write_json_atomic
+
+__all__ = ["fit_approach1", "fit_approach2", "fit_approach3", "from_table", "load",
+           "optimal_allocation", "predict_loss", "run"]
+
+DEFAULT_BUDGETS = tuple(10.0 ** k for k in range(18, 26))
+
+
+def optimal_allocation(fit: dict, C: float) -> tuple[float, float]:
+    """(N_opt, D_opt) at budget C: closed form for approach 3, the power laws for approaches 1/2."""
+    if "alpha" in fit:
+        n_opt, d_opt = closed_form_optimum(fit, C)
+        return float(n_opt), float(d_opt)
+    if "k_N" in fit:
+        return float(fit["k_N"] * C ** fit["a"]), float(fit["k_D"] * C ** fit["b"])
+    raise ValueError("optimal_allocation needs an approach-3 fit (E, A, B, alpha, beta) or an "
+                     f"approach-1/2 fit (k_N, a, k_D, b); got keys {sorted(fit)}")
+
+
+def predict_loss(fit: dict, N, D):
+    """L(N, D) from an approach-3 fit (approaches 1 and 2 do not model the loss)."""
+    if "alpha" not in fit:
+        raise ValueError("predict_loss needs an approach-3 fit (E, A, B, alpha, beta)")
+    return law(fit, N, D)
+
+
+def _safe(name: str, fn, *args, **kwargs) -> dict:
+    """A fit that cannot be made is a reported skip, never a crash of the whole analysis."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        return {"skipped": str(e)}
+
+
+def run(path: str | Path, out: str | Path | None = None, n: str = "total", bootstrap: int = 1000,
+        seed: int = 0, budgets: tuple[float, ...] | None = None, tolerance: float = 0.05,
+        progress: bool = True) -> dict:
+    """Load, fit approaches 1–3 with bootstrap intervals, and write fits.json, report.md and PNGs.
+
+    `out` defaults to the sweep directory (or the table's folder). Returns the fits dict.
+    """
+    path = Path(path)
+    out = Path(out) if out is not None else (path if path.is_dir() else path.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = DEFAULT_BUDGETS if budgets is None else tuple(budgets)
+    df = load(path, n)
+    fit_points(df)  # bad values fail here, with the column and row named
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        a2 = _safe("approach2", fit_approach2, df, bootstrap=bootstrap, seed=seed, tolerance=tolerance,
+                   budgets=budgets)
+    for w in caught:
+        print(f"warning: {w.message}", flush=True)
+    a3 = _safe("approach3", fit_approach3, df, bootstrap=bootstrap, seed=seed, budgets=budgets,
+               progress=progress)
+    a3.pop("samples", None)
+    a1 = _safe("approach1", fit_approach1, df)
+    fits = {"source": str(path), "n": n, "approach1": a1, "approach2": a2, "approach3": a3}
+    figures = []
+    if "budgets" in a2:
+        figures.append(plots.isoflop(a2, df, out))
+    if "a" in a2 or "alpha" in a3:
+        figures.append(plots.optimal(fits, out))
+    if "alpha" in a3:
+        figures += [plots.contours(a3, df, out), plots.residuals(a3, df, out)]
+    if "envelope" in a1 and "a" in a1:
+        figures.append(plots.envelope(a1, df, out))
+    fits["figures"] = figures
+    fits["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(out / "fits.json", fits)
+    (out / ".report.md.tmp").write_text(report.render(fits, df, str(path), figures))
+    (out / ".report.md.tmp").replace(out / "report.md")
+    return fits
+
+
+def summary(fits: dict) -> str:
+    """Short console lines: the exponents and their intervals."""
+    lines = []
+    for name in ("approach1", "approach2", "approach3"):
+        f = fits.get(name, {})
+        if "a" in f:
+            ci = f.get("ci", {})
+            a_ci = f" [{ci['a'][0]:.3f}, {ci['a'][1]:.3f}]" if ci.get("a") and None not in ci["a"] else ""
+            b_ci = f" [{ci['b'][0]:.3f}, {ci['b'][1]:.3f}]" if ci.get("b") and None not in ci["b"] else ""
+            lines.append(f"{name}: N_opt ∝ C^{f['a']:.3f}{a_ci}, D_opt ∝ C^{f['b']:.3f}{b_ci}")
+        else:
+            lines.append(f"{name}: skipped ({f.get('skipped', 'not computed')})")
+    a3 = fits.get("approach3", {})
+    if "alpha" in a3:
+        lines.append(f"approach3: L = {a3['E']:.3f} + {a3['A']:.4g}/N^{a3['alpha']:.3f} + "
+                     f"{a3['B']:.4g}/D^{a3['beta']:.3f}  ({a3['seconds']:.2f} s, {a3['starts']:,} starts)")
+    return "\n".join(lines)
+

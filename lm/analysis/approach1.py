@@ -1,0 +1,53 @@
+"""Approach 1: the lower envelope of the training curves, and power laws of N and D along it.
+
+Every run contributes its eval points (loss after C FLOPs, at D tokens). For FLOP values
+log-spaced over the range the curves cover, the envelope point is the run with the lowest
+loss interpolated at that C; its N and D there give N_opt(C) and D_opt(C).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from lm.analysis.approach2 import power_law
+
+
+def curves(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per run, its included eval points sorted by FLOPs."""
+    if "point" not in df.columns:
+        return {}
+    ev = df[(df["point"] == "eval") & df["included"].astype(bool)]
+    ev = ev[np.isfinite(ev["C"]) & (ev["C"] > 0) & np.isfinite(ev["loss"])]
+    return {run: g.sort_values("C") for run, g in ev.groupby("run") if len(g) >= 2}
+
+
+def fit_approach1(df: pd.DataFrame, n_grid: int = 40) -> dict:
+    """Envelope and its power laws; a reported skip when the sweep has no training curves."""
+    runs = curves(df)
+    if len(runs) < 2:
+        return {"skipped": "needs training curves (two or more eval points) from at least two runs; "
+                           "set train.eval_every below the run length"}
+    lo = min(np.log(g["C"].min()) for g in runs.values())
+    hi = max(np.log(g["C"].max()) for g in runs.values())
+    envelope = []
+    for log_c in np.linspace(lo, hi, n_grid):
+        best = None
+        for run, g in runs.items():
+            c = np.log(g["C"].to_numpy())
+            if not c[0] <= log_c <= c[-1]:
+                continue
+            loss = float(np.interp(log_c, c, g["loss"].to_numpy()))
+            if best is None or loss < best[1]:
+                d = float(np.exp(np.interp(log_c, c, np.log(g["D"].to_numpy()))))
+                best = (run, loss, float(g["N"].iloc[0]), d)
+        if best:
+            envelope.append({"C": float(np.exp(log_c)), "run": best[0], "loss": best[1],
+                             "N": best[2], "D": best[3]})
+    if len({e["N"] for e in envelope}) < 2:
+        return {"skipped": "the envelope is a single model: sizes must differ along it",
+                "envelope": envelope}
+    C = np.array([e["C"] for e in envelope])
+    k_n, a = power_law(C, np.array([e["N"] for e in envelope]))
+    k_d, b = power_law(C, np.array([e["D"] for e in envelope]))
+    return {"a": a, "b": b, "k_N": k_n, "k_D": k_d, "envelope": envelope, "runs": len(runs)}

@@ -1,0 +1,150 @@
+"""Approach 2: IsoFLOP profiles. Per budget a parabola of loss in log N; its vertex is N_opt(C).
+
+D_opt(C) = C / (F(N_opt)) where F is the FLOPs per token, interpolated (in log N) between the
+budget's models: the exact Appendix-F count for a sweep, 6·N for a bare table. The vertices
+then give N_opt = k_N·C^a and D_opt = k_D·C^b by least squares in log space.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from lm.analysis.bootstrap import percentile_ci
+from lm.analysis.load import fit_points
+
+MIN_POINTS = 3  # a parabola needs three distinct sizes
+
+
+def group_budgets(pts: pd.DataFrame, tolerance: float = 0.05) -> np.ndarray:
+    """A budget per point: the sweep's label, or (bare tables) C grouped within a relative tolerance."""
+    if "budget" in pts.columns and np.isfinite(pts["budget"].to_numpy(np.float64)).all():
+        return pts["budget"].to_numpy(np.float64)
+    C = pts["C"].to_numpy(np.float64)
+    order = np.argsort(C)
+    labels = np.empty_like(C)
+    start, members = C[order[0]], []
+    for i in order:
+        if C[i] > start * (1 + tolerance):
+            labels[members] = np.exp(np.mean(np.log(C[members])))
+            start, members = C[i], []
+        members.append(i)
+    labels[members] = np.exp(np.mean(np.log(C[members])))
+    return labels
+
+
+def vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(x*, loss at x*, coefficients) of the least-squares parabola; x* = nan if it opens downward."""
+    coef = np.polyfit(log_n, loss, 2)
+    if not coef[0] > 0:
+        return float("nan"), float("nan"), coef
+    x = -coef[1] / (2 * coef[0])
+    return float(x), float(np.polyval(coef, x)), coef
+
+
+def power_law(C: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(k, exponent) of y = k·C^exponent, least squares in log space."""
+    slope, intercept = np.polyfit(np.log(C), np.log(y), 1)
+    return float(np.exp(intercept)), float(slope)
+
+
+def _profiles(groups: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]) -> list[dict]:
+    """Vertex of every budget: groups of (C, log N, loss, log(FLOPs per token / N))."""
+    out = []
+    for C, log_n, loss, log_ratio in groups:
+        x, loss_min, coef = vertex(log_n, loss)
+        if np.isfinite(x):
+            order = np.argsort(log_n)
+            n_opt = float(np.exp(x))
+            fpt = n_opt * float(np.exp(np.interp(x, log_n[order], log_ratio[order])))
+            edge = not (log_n.min() <= x <= log_n.max())
+        else:  # no minimum: the profile falls (or rises) across the whole range
+            best = int(np.argmin(loss))
+            n_opt, loss_min = float(np.exp(log_n[best])), float(loss[best])
+            fpt, edge = n_opt * float(np.exp(log_ratio[best])), True
+        out.append({"C": float(C), "N_opt": n_opt, "D_opt": float(C / fpt), "loss_min": loss_min,
+                    "edge": bool(edge), "points": int(len(log_n)), "N_min": float(np.exp(log_n.min())),
+                    "N_max": float(np.exp(log_n.max())), "parabola": [float(c) for c in coef]})
+    return out
+
+
+def _laws(budgets: list[dict]) -> dict | None:
+    """Power laws through the interior vertices (all vertices when fewer than two are interior)."""
+    used = [b for b in budgets if not b["edge"]]
+    if len(used) < 2:
+        used = budgets
+    if len({b["C"] for b in used}) < 2:
+        return None
+    C = np.array([b["C"] for b in used])
+    k_n, a = power_law(C, np.array([b["N_opt"] for b in used]))
+    k_d, b_ = power_law(C, np.array([b["D_opt"] for b in used]))
+    return {"a": a, "b": b_, "k_N": k_n, "k_D": k_d, "budgets_used": [float(c) for c in C]}
+
+
+def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance: float = 0.05,
+                  budgets: tuple[float, ...] = ()) -> dict:
+    """IsoFLOP fit; a reported skip ({"skipped": reason}) when the data cannot support one."""
+    pts = fit_points(df)
+    if len(pts) == 0:
+        return {"skipped": "no completed points to fit"}
+    labels = group_budgets(pts, tolerance)
+    log_n = np.log(pts["N"].to_numpy(np.float64))
+    loss = pts["loss"].to_numpy(np.float64)
+    fpt = pts["flops_per_token"].to_numpy(np.float64) if "flops_per_token" in pts else 6 * np.exp(log_n)
+    log_ratio = np.log(np.where(np.isfinite(fpt), fpt, 6 * np.exp(log_n)) / np.exp(log_n))
+    groups, skipped = [], []
+    for C in np.unique(labels):
+        m = labels == C
+        if len(np.unique(log_n[m])) < MIN_POINTS:
+            skipped.append({"C": float(C), "reason": f"{len(np.unique(log_n[m]))} distinct sizes, "
+                            f"a parabola needs {MIN_POINTS}"})
+        else:
+            groups.append((C, log_n[m], loss[m], log_ratio[m]))
+    if not groups:
+        return {"skipped": "no budget has 3 distinct model sizes", "budgets_skipped": skipped}
+    profiles = _profiles(groups)
+    for b in profiles:
+        if b["edge"]:
+            warnings.warn(f"approach 2: budget {b['C']:.3g} has its minimum at N = {b['N_opt']:.3g}, "
+                          f"outside its sampled sizes [{b['N_min']:.3g}, {b['N_max']:.3g}] (edge minimum)",
+                          stacklevel=2)
+    fit: dict = {"budgets": profiles, "budgets_skipped": skipped}
+    laws = _laws(profiles)
+    if laws is None:
+        fit["skipped"] = "power laws need at least two budgets"
+        return fit
+    fit.update(laws)
+    fit["predictions"] = [prediction(fit, C) for C in budgets]
+    if bootstrap > 0:
+        samples = _bootstrap(groups, bootstrap, seed)
+        ci = percentile_ci(samples)
+        fit.update({"a_ci": ci["a"], "b_ci": ci["b"], "ci": ci, "bootstrap": bootstrap, "seed": seed})
+        for p in fit["predictions"]:
+            n_opt, d_opt = samples["k_N"] * p["C"] ** samples["a"], samples["k_D"] * p["C"] ** samples["b"]
+            p.update({f"{k}_ci": v for k, v in percentile_ci({"N_opt": n_opt, "D_opt": d_opt}).items()})
+    return fit
+
+
+def _bootstrap(groups: list, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Resample points with replacement within each budget and refit everything, n times."""
+    rng = np.random.default_rng(seed)
+    keys = ("a", "b", "k_N", "k_D")
+    samples = {k: np.full(n, np.nan) for k in keys}
+    for r in range(n):
+        resampled = []
+        for C, log_n, loss, log_ratio in groups:
+            i = rng.integers(0, len(log_n), len(log_n))
+            if len(np.unique(log_n[i])) >= MIN_POINTS:
+                resampled.append((C, log_n[i], loss[i], log_ratio[i]))
+        laws = _laws(_profiles(resampled)) if len(resampled) >= 2 else None
+        for k in keys:
+            samples[k][r] = laws[k] if laws else np.nan
+    return samples
+
+
+def prediction(fit: dict, C: float) -> dict:
+    n_opt, d_opt = fit["k_N"] * C ** fit["a"], fit["k_D"] * C ** fit["b"]
+    return {"C": float(C), "N_opt": float(n_opt), "D_opt": float(d_opt),
+            "tokens_per_param": float(d_opt / n_opt)}

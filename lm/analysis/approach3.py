@@ -1,0 +1,285 @@
+"""Approach 3: the parametric law L(N, D) = E + A/N^α + B/D^β fitted on log loss.
+
+The fit follows Hoffmann et al. (2022): minimise the SUM over points of Huber(δ = 1e-3) of
+`LSE(a − α log N, b − β log D, e) − log L` with L-BFGS from a grid of starts and keep the best.
+Every start runs in one compiled JAX computation (vmap over starts, and over bootstrap resamples
+through per-point weights) in float64, enabled only inside this module's calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from lm.analysis.bootstrap import percentile_ci, resample_weights
+from lm.analysis.bootstrap import progress as show_progress
+from lm.analysis.load import fit_points
+
+HUBER_DELTA = 1e-3
+NAMES = ("E", "A", "B", "alpha", "beta")
+N_PARAMS = 5
+MAX_ITER, GTOL, FTOL = 1000, 1e-10, 1e-15
+# Two phases keep the 4,500-start grid fast: every start takes SCREEN_ITER float32 L-BFGS steps,
+# then the POLISH best run to convergence in float64 (the best of those is the fit).
+SCREEN_ITER, POLISH = 8, 64
+# Chinchilla's grid of initial values (4,500 starts), in the solver's order (a, b, e, α, β).
+GRID = {
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+}
+
+
+def default_grid() -> np.ndarray:
+    """The 4,500 starts as rows (a, b, e, α, β)."""
+    return np.array(list(itertools.product(*GRID.values())), dtype=np.float64)
+
+
+def huber(r: jax.Array, delta: float) -> jax.Array:
+    """Huber loss: quadratic within ±delta, linear outside (as scipy.special.huber)."""
+    abs_r = jnp.abs(r)
+    return jnp.where(abs_r <= delta, 0.5 * r**2, delta * (abs_r - 0.5 * delta))
+
+
+def objective(theta: jax.Array, log_n: jax.Array, log_d: jax.Array, log_l: jax.Array,
+              weights: jax.Array, delta: float = HUBER_DELTA) -> jax.Array:
+    """Weighted sum over points of Huber(LSE(a − α log N, b − β log D, e) − log L)."""
+    a, b, e, alpha, beta = theta
+    terms = jnp.stack([a - alpha * log_n, b - beta * log_d, jnp.broadcast_to(e, log_n.shape)])
+    return jnp.sum(weights * huber(jax.nn.logsumexp(terms, axis=0) - log_l, delta))
+
+
+class _State(NamedTuple):
+    """Batched L-BFGS state: one row per lane (start × resample)."""
+
+    x: jax.Array  # (S, 5) parameters
+    f: jax.Array  # (S,) objective
+    g: jax.Array  # (S, 5) gradient
+    s: jax.Array  # (S, m, 5) last m steps, newest last
+    y: jax.Array  # (S, m, 5) last m gradient changes
+    rho: jax.Array  # (S, m) 1 / (s·y), 0 for empty or skipped pairs
+    done: jax.Array  # (S,) converged or stalled
+    it: jax.Array  # () iterations taken
+
+
+def _direction(g: jax.Array, s: jax.Array, y: jax.Array, rho: jax.Array) -> jax.Array:
+    """L-BFGS two-loop recursion, batched over lanes; steepest descent scaled when no history."""
+    m = s.shape[1]
+    q, alphas = g, []
+    for i in reversed(range(m)):
+        a_i = rho[:, i] * jnp.sum(s[:, i] * q, axis=-1)
+        q = q - a_i[:, None] * y[:, i]
+        alphas.append(a_i)
+    sy, yy = jnp.sum(s[:, -1] * y[:, -1], -1), jnp.sum(y[:, -1] ** 2, -1)
+    g_norm = jnp.sqrt(jnp.sum(g**2, -1))
+    first = jnp.minimum(1.0, 1.0 / jnp.maximum(g_norm, 1e-300))
+    gamma = jnp.where(rho[:, -1] > 0, sy / jnp.where(yy > 0, yy, 1.0), first)
+    r = gamma[:, None] * q
+    for i, a_i in zip(range(m), reversed(alphas), strict=True):
+        b_i = rho[:, i] * jnp.sum(y[:, i] * r, axis=-1)
+        r = r + (a_i - b_i)[:, None] * s[:, i]
+    return -r
+
+
+def _lbfgs(value_and_grad, x0: jax.Array, max_iter: int, gtol: float, ftol: float,
+           memory: int = 10, max_backtracks: int = 40) -> _State:
+    """Minimise every lane of x0 (S, 5) at once: L-BFGS with Armijo backtracking.
+
+    Lanes advance in lockstep inside one while loop; a lane stops when its largest gradient
+    component is below gtol, when a step lowers f by at most ftol·max(|f|, 1), or when its line
+    search fails. The loop ends when every lane has stopped or after max_iter iterations.
+    """
+    S, P = x0.shape
+    f0, g0 = value_and_grad(x0)
+    zeros = jnp.zeros((S, memory, P), x0.dtype)
+    init = _State(x0, f0, g0, zeros, zeros, jnp.zeros((S, memory), x0.dtype),
+                  ~jnp.isfinite(f0), jnp.zeros((), jnp.int32))
+
+    def step(st: _State) -> _State:
+        d = _direction(st.g, st.s, st.y, st.rho)
+        slope = jnp.sum(st.g * d, -1)
+        descent = slope < 0  # otherwise restart from steepest descent
+        scale = jnp.minimum(1.0, 1.0 / jnp.linalg.norm(st.g, axis=-1))
+        d = jnp.where(descent[:, None], d, -st.g * scale[:, None])
+        slope = jnp.sum(st.g * d, -1)
+
+        def search_going(c):
+            _, _, _, ok, k = c
+            return jnp.any(~ok) & (k < max_backtracks)
+
+        def search(c):
+            t, f_t, g_t, ok, k = c
+            t = jnp.where(ok, t, 0.5 * t)
+            f_new, g_new = value_and_grad(st.x + t[:, None] * d)
+            f_t, g_t = jnp.where(ok, f_t, f_new), jnp.where(ok[:, None], g_t, g_new)
+            ok = ok | (jnp.isfinite(f_t) & (f_t <= st.f + 1e-4 * t * slope))
+            return t, f_t, g_t, ok, k + 1
+
+        t0 = jnp.full((S,), 1.0, x0.dtype)
+        t, f_t, g_t, ok, _ = jax.lax.while_loop(
+            search_going, search, (t0, st.f, st.g, st.done, jnp.zeros((), jnp.int32)))
+        move = ok & ~st.done
+        x_new = jnp.where(move[:, None], st.x + t[:, None] * d, st.x)
+        f_new, g_new = jnp.where(move, f_t, st.f), jnp.where(move[:, None], g_t, st.g)
+        s_k, y_k = x_new - st.x, g_new - st.g
+        sy = jnp.sum(s_k * y_k, -1)
+        keep = move & (sy > 1e-12 * jnp.sum(y_k**2, -1))  # curvature condition, else skip the pair
+        roll = lambda h, new: jnp.where(keep.reshape((S,) + (1,) * (h.ndim - 1)),  # noqa: E731
+                                        jnp.concatenate([h[:, 1:], new[:, None]], axis=1), h)
+        small_step = st.f - f_new <= ftol * jnp.maximum(jnp.abs(st.f), 1.0)
+        converged = (jnp.max(jnp.abs(g_new), -1) < gtol) | small_step
+        return _State(x_new, f_new, g_new, roll(st.s, s_k), roll(st.y, y_k),
+                      roll(st.rho, jnp.where(keep, 1.0 / jnp.where(keep, sy, 1.0), 0.0)),
+                      st.done | ~ok | converged, st.it + 1)
+
+    return jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.it < max_iter), step, init)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "gtol", "ftol", "delta"))
+def _solve(starts: jax.Array, log_n: jax.Array, log_d: jax.Array, log_l: jax.Array, weights: jax.Array,
+           max_iter: int, gtol: float, ftol: float, delta: float) -> tuple[jax.Array, jax.Array]:
+    """Minimise from every start for every weight vector: starts (R, S, 5), weights (R, P)."""
+    R, S, _ = starts.shape
+    lane_w = jnp.repeat(weights, S, axis=0)  # (R·S, P)
+
+    def one(theta, w):
+        return jax.value_and_grad(objective)(theta, log_n, log_d, log_l, w, delta)
+
+    value_and_grad = lambda x: jax.vmap(one)(x, lane_w)  # noqa: E731
+    st = _lbfgs(value_and_grad, starts.reshape(R * S, -1), max_iter, gtol, ftol)
+    return st.x.reshape(R, S, -1), st.f.reshape(R, S)
+
+
+def solve(starts: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+          weights: np.ndarray, max_iter: int = MAX_ITER, gtol: float = GTOL, ftol: float = FTOL,
+          delta: float = HUBER_DELTA, dtype: str = "float64") -> tuple[np.ndarray, np.ndarray, float]:
+    """Compile (cached per shape), then run: returns (theta (R,S,5), objective (R,S), run seconds)."""
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x, dtype) for x in (starts, log_n, log_d, log_l, weights)]
+        compiled = _compiled(tuple((a.shape, str(a.dtype)) for a in args), max_iter, gtol, ftol, delta)
+        t0 = time.perf_counter()
+        theta, value = compiled(*args)
+        theta, value = np.asarray(theta), np.asarray(value)
+        return theta, value, time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(shapes: tuple, max_iter: int, gtol: float, ftol: float, delta: float):
+    """Ahead-of-time compilation per input shape, so `solve` can time the run alone."""
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+    return _solve.lower(*args, max_iter=max_iter, gtol=gtol, ftol=ftol, delta=delta).compile()
+
+
+def unpack(theta: np.ndarray) -> dict[str, np.ndarray]:
+    """Solver parameters (a, b, e, α, β) → the law's E, A, B, α, β and the optimum exponents."""
+    theta = np.asarray(theta, dtype=np.float64)
+    a_, b_, e_, alpha, beta = np.moveaxis(theta, -1, 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return {"E": np.exp(e_), "A": np.exp(a_), "B": np.exp(b_), "alpha": alpha, "beta": beta,
+                "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+
+
+def pack(fit: dict) -> np.ndarray:
+    """The law's E, A, B, α, β → solver parameters (a, b, e, α, β)."""
+    return np.array([np.log(fit["A"]), np.log(fit["B"]), np.log(fit["E"]), fit["alpha"], fit["beta"]])
+
+
+def closed_form_optimum(fit: dict, C: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b with G = (αA / (βB))^(1/(α+β)) (C = 6ND)."""
+    alpha, beta, A, B = (np.asarray(fit[k], dtype=np.float64) for k in ("alpha", "beta", "A", "B"))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+        a, b = beta / (alpha + beta), alpha / (alpha + beta)
+        C6 = np.asarray(C, dtype=np.float64) / 6.0
+        return G * C6**a, C6**b / G
+
+
+def law(fit: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray:
+    """L(N, D) = E + A/N^α + B/D^β."""
+    N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
+    return fit["E"] + fit["A"] / N ** fit["alpha"] + fit["B"] / D ** fit["beta"]
+
+
+def _data(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log N, log D, log L of the points that enter fits, checked for a well-posed fit."""
+    pts = fit_points(df)
+    if len(pts) < N_PARAMS:
+        raise ValueError(f"approach 3 needs at least {N_PARAMS} points (one per parameter), got {len(pts)}")
+    return tuple(np.log(pts[c].to_numpy(np.float64)) for c in ("N", "D", "loss"))
+
+
+def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap: int = 0, seed: int = 0,
+                  budgets: tuple[float, ...] = (), max_iter: int = MAX_ITER, gtol: float = GTOL,
+                  ftol: float = FTOL, delta: float = HUBER_DELTA, bootstrap_starts: int = 3,
+                  chunk: int = 250, progress: bool = False, screen_iter: int = SCREEN_ITER,
+                  polish: int = POLISH) -> dict:
+    """Fit L(N, D) from every start (default: the 4,500-start grid) and keep the best.
+
+    With `bootstrap` > 0, refit on that many resamples of the points (seeded), each warm-started
+    from the best few full-data solutions, and add percentile intervals (`ci`) and `samples`.
+    `budgets` adds closed-form predictions (N_opt, D_opt, loss, tokens per parameter) per budget.
+    """
+    log_n, log_d, log_l = _data(df)
+    starts = default_grid() if starts is None else np.atleast_2d(np.asarray(starts, dtype=np.float64))
+    n_starts = len(starts)
+    opts = {"max_iter": max_iter, "gtol": gtol, "ftol": ftol, "delta": delta}
+    ones = np.ones((1, len(log_n)))
+    seconds = 0.0
+    if len(starts) > polish:  # screen every start briefly, keep the most promising
+        theta, value, seconds = solve(starts[None], log_n, log_d, log_l, ones, max_iter=screen_iter,
+                                      gtol=gtol, ftol=ftol, delta=delta, dtype="float32")
+        value = np.where(np.isfinite(value[0]), value[0], np.inf)
+        starts = theta[0][np.argsort(value)[:polish]].astype(np.float64)
+    theta, value, polish_seconds = solve(starts[None], log_n, log_d, log_l, ones, **opts)
+    seconds += polish_seconds
+    theta, value = theta[0], np.where(np.isfinite(value[0]), value[0], np.inf)
+    order = np.argsort(value)
+    fit = {k: float(v) for k, v in unpack(theta[order[0]]).items()}
+    fit.update(objective=float(value[order[0]]), seconds=seconds, starts=n_starts, points=len(log_n),
+               huber_delta=delta)
+    fit["predictions"] = [prediction(fit, C) for C in budgets]
+    if bootstrap > 0:
+        weights = resample_weights(len(log_n), bootstrap, seed)
+        samples = bootstrap_samples(theta[order[:bootstrap_starts]], log_n, log_d, log_l, weights, chunk,
+                                    progress, **opts)
+        fit.update(samples=samples, ci=percentile_ci(samples), bootstrap=bootstrap, seed=seed)
+        for p in fit["predictions"]:
+            n_opt, d_opt = closed_form_optimum(samples, p["C"])
+            ci = percentile_ci({"N_opt": n_opt, "D_opt": d_opt, "loss": law(samples, n_opt, d_opt)})
+            p.update({f"{k}_ci": v for k, v in ci.items()})
+    return fit
+
+
+def prediction(fit: dict, C: float) -> dict:
+    """Closed-form optimum at budget C with its predicted loss."""
+    n_opt, d_opt = (float(x) for x in closed_form_optimum(fit, C))
+    return {"C": float(C), "N_opt": n_opt, "D_opt": d_opt, "tokens_per_param": d_opt / n_opt,
+            "loss": float(law(fit, n_opt, d_opt))}
+
+
+def bootstrap_samples(warm: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+                      weights: np.ndarray, chunk: int, progress: bool, **opts) -> dict[str, np.ndarray]:
+    """Refit once per row of `weights` from the `warm` starts, vmapped in fixed-size chunks."""
+    n, P = weights.shape
+    chunk = min(chunk, n)
+    out = []
+    for i in range(0, n, chunk):
+        w = weights[i:i + chunk]
+        pad = chunk - len(w)  # pad the last chunk so every chunk reuses one compilation
+        w = np.concatenate([w, np.ones((pad, P))]) if pad else w
+        starts = np.broadcast_to(warm, (chunk, *warm.shape))
+        theta, value, _ = solve(starts, log_n, log_d, log_l, w, **opts)
+        value = np.where(np.isfinite(value), value, np.inf)
+        out.append(theta[np.arange(chunk), np.argmin(value, axis=1)][:chunk - pad])
+        if progress:
+            show_progress(min(i + chunk, n), n, "bootstrap approach 3")
+    return unpack(np.concatenate(out))

@@ -1,0 +1,71 @@
+"""report.md: the fits with their intervals, predictions per budget, and what was left out."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def _ci(fit: dict, key: str) -> str:
+    return _interval((fit.get("ci") or {}).get(key))
+
+
+def _interval(lo_hi: list | None) -> str:
+    return f"[{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]" if lo_hi and None not in lo_hi else "—"
+
+
+def _predictions(preds: list[dict]) -> list[str]:
+    lines = ["| C | N_opt | D_opt | tokens/param | loss | N_opt 95 % | D_opt 95 % |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for p in preds:
+        loss = f"{p['loss']:.3f}" if "loss" in p else "—"
+        lines.append(f"| {p['C']:.0e} | {p['N_opt']:.3g} | {p['D_opt']:.3g} | {p['tokens_per_param']:.1f} | "
+                     f"{loss} | {_interval(p.get('N_opt_ci'))} | {_interval(p.get('D_opt_ci'))} |")
+    return lines
+
+
+def render(fits: dict, df: pd.DataFrame, source: str, figures: list[str]) -> str:
+    lines = [f"# Scaling-law fits: {source}", ""]
+    finals = df[df["point"] == "final"]
+    lines += [f"{int(finals['included'].sum())} of {len(finals)} runs enter the fits; N counts "
+              f"{fits['n']} parameters.", ""]
+    a2 = fits.get("approach2", {})
+    lines += ["## Approach 2: IsoFLOP profiles", ""]
+    if "budgets" in a2:
+        lines += ["| budget C | points | N range | N_opt | D_opt | tokens/param | loss_min | minimum |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for b in a2["budgets"]:
+            lines.append(f"| {b['C']:.3g} | {b['points']} | {b['N_min']:.3g}–{b['N_max']:.3g} | "
+                         f"{b['N_opt']:.3g} | {b['D_opt']:.3g} | {b['D_opt'] / b['N_opt']:.1f} | "
+                         f"{b['loss_min']:.4f} | {'**edge**' if b['edge'] else 'interior'} |")
+        lines.append("")
+    if "a" in a2:
+        lines += [f"N_opt = {a2['k_N']:.4g} · C^**{a2['a']:.3f}** (95 % {_ci(a2, 'a')}), "
+                  f"D_opt = {a2['k_D']:.4g} · C^**{a2['b']:.3f}** (95 % {_ci(a2, 'b')})", ""]
+    if "skipped" in a2:
+        lines += [f"Skipped: {a2['skipped']}.", ""]
+    for s in a2.get("budgets_skipped", []):
+        lines += [f"- budget {s['C']:.3g} left out: {s['reason']}"]
+    a3 = fits.get("approach3", {})
+    lines += ["", "## Approach 3: L(N, D) = E + A/N^α + B/D^β", ""]
+    if "alpha" in a3:
+        lines += ["| parameter | value | 95 % interval |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {a3[k]:.4g} | {_ci(a3, k)} |" for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
+        lines += ["", f"Huber (δ = {a3['huber_delta']:g}) objective {a3['objective']:.4g} over "
+                  f"{a3['points']} points, best of {a3['starts']:,} L-BFGS starts in {a3['seconds']:.2f} s."]
+    else:
+        lines += [f"Skipped: {a3.get('skipped', 'not computed')}."]
+    a1 = fits.get("approach1", {})
+    lines += ["", "## Approach 1: envelope of training curves", ""]
+    if "a" in a1:
+        lines += [f"N_opt ∝ C^**{a1['a']:.3f}**, D_opt ∝ C^**{a1['b']:.3f}** along the lower envelope "
+                  f"of {a1['runs']} runs' curves ({len(a1['envelope'])} envelope points)."]
+    else:
+        lines += [f"Skipped: {a1.get('skipped', 'not computed')}."]
+    for name, fit in (("approach 3", a3), ("approach 2", a2)):
+        if fit.get("predictions"):
+            lines += ["", f"## Compute-optimal predictions ({name})", "", *_predictions(fit["predictions"])]
+    left = finals[~finals["included"].astype(bool)]
+    lines += ["", "## Runs left out", ""]
+    lines += [f"- `{r.run}`: {r.reason}" for r in left.itertuples()] or ["None."]
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,211 @@
+"""Scaling-law fits recover known laws; bad input is a clear error or a reported skip."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import minimize, minimize_scalar
+
+from lm import analysis
+from lm.analysis import approach3
+from lm.analysis.approach2 import fit_approach2
+
+from .conftest import ROOT
+
+CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+LAWS = [CHINCHILLA, {"E": 2.0, "A": 50.0, "B": 2000.0, "alpha": 0.25, "beta": 0.4},
+        {"E": 1.2, "A": 3000.0, "B": 300.0, "alpha": 0.5, "beta": 0.3}]
+
+
+def law_table(law: dict, n: int = 120, noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    N, D = 10 ** rng.uniform(6, 10, n), 10 ** rng.uniform(8, 12, n)
+    loss = approach3.law(law, N, D) * np.exp(rng.normal(0, noise, n))
+    return pd.DataFrame({"N": N, "D": D, "loss": loss})
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_approach3_recovers_known_laws(law):
+    fit = analysis.fit_approach3(analysis.from_table(law_table(law)))
+    assert fit["starts"] == 4500
+    for k in ("E", "alpha", "beta"):
+        assert fit[k] == pytest.approx(law[k], rel=1e-3), k
+    for k in ("A", "B"):
+        assert fit[k] == pytest.approx(law[k], rel=2e-2), k
+
+
+def test_approach3_with_noise_and_bootstrap_interval_covers_truth():
+    fit = analysis.fit_approach3(analysis.from_table(law_table(CHINCHILLA, 250, noise=0.01)),
+                                 bootstrap=200)
+    for k in ("alpha", "beta", "E"):
+        assert fit[k] == pytest.approx(CHINCHILLA[k], rel=0.1)
+    true_a = CHINCHILLA["beta"] / (CHINCHILLA["alpha"] + CHINCHILLA["beta"])
+    lo, hi = fit["ci"]["a"]
+    assert lo <= true_a <= hi and hi - lo < 0.1
+
+
+def test_closed_form_optimum_matches_brute_force():
+    for C in (1e18, 1e21, 1e24):
+        n_opt, d_opt = analysis.optimal_allocation(CHINCHILLA, C)
+        assert n_opt * d_opt * 6 == pytest.approx(C)
+        def loss_at(x, C=C):
+            return float(approach3.law(CHINCHILLA, np.exp(x), C / (6 * np.exp(x))))
+
+        best = minimize_scalar(loss_at, bounds=(np.log(1e3), np.log(1e15)), method="bounded",
+                               options={"xatol": 1e-10})
+        assert np.exp(best.x) == pytest.approx(n_opt, rel=1e-3)
+
+
+def test_vectorised_fit_equals_scipy_from_the_same_start():
+    df = law_table(CHINCHILLA, 60, noise=0.005, seed=3)
+    log_n, log_d, log_l = (np.log(df[c].to_numpy()) for c in ("N", "D", "loss"))
+    start = np.array([5.0, 5.0, 0.5, 0.5, 0.5])
+
+    def f(theta):
+        a, b, e, alpha, beta = theta
+        pred = np.logaddexp.reduce([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)], axis=0)
+        r = pred - log_l
+        return np.sum(np.where(np.abs(r) <= 1e-3, 0.5 * r**2, 1e-3 * (np.abs(r) - 0.5e-3)))
+
+    ref = minimize(f, start, method="L-BFGS-B", options={"maxiter": 10000, "ftol": 1e-15, "gtol": 1e-12})
+    theta, value, _ = approach3.solve(start[None, None], log_n, log_d, log_l, np.ones((1, len(log_n))))
+    assert value[0, 0] == pytest.approx(ref.fun, rel=1e-4)
+    np.testing.assert_allclose(theta[0, 0][3:], ref.x[3:], rtol=1e-3)
+
+
+def isoflop_table(a_true: float = 0.5, budgets=(1e18, 1e19, 1e20, 1e21), width: float = 1.0,
+                  centre_shift: float = 0.0) -> pd.DataFrame:
+    """Parabolic profiles in log N whose vertex is N_opt = 0.1 · C^a_true (C = 6ND)."""
+    rows = []
+    for C in budgets:
+        x_opt = np.log(0.1 * C**a_true)
+        for x in x_opt + centre_shift + np.linspace(-width, width, 7):
+            rows.append({"N": np.exp(x), "D": C / (6 * np.exp(x)), "loss": 2 + 0.05 * (x - x_opt) ** 2,
+                         "budget": C})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("a_true", [0.4, 0.5, 0.6])
+def test_approach2_recovers_exponents(a_true):
+    fit = fit_approach2(analysis.from_table(isoflop_table(a_true)), bootstrap=50)
+    assert fit["a"] == pytest.approx(a_true, abs=1e-6)
+    assert fit["b"] == pytest.approx(1 - a_true, abs=1e-6)
+    assert not any(b["edge"] for b in fit["budgets"])
+    assert fit["a_ci"][0] <= a_true <= fit["a_ci"][1]
+
+
+def test_approach2_groups_a_bare_table_by_flops_and_flags_edge_minima():
+    table = isoflop_table(0.5).drop(columns="budget")
+    table.loc[:6, "loss"] = 2 + 0.05 * (np.log(table.loc[:6, "N"]) - np.log(table.loc[6, "N"] * 5)) ** 2
+    with pytest.warns(UserWarning, match="edge minimum"):
+        fit = fit_approach2(analysis.from_table(table))
+    assert len(fit["budgets"]) == 4
+    assert [b["edge"] for b in fit["budgets"]] == [True, False, False, False]
+    assert fit["a"] == pytest.approx(0.5, abs=1e-6)  # the edge budget is left out of the power law
+
+
+def test_approach1_envelope_on_synthetic_curves():
+    rows = []
+    for N in np.geomspace(1e6, 1e9, 7):
+        for D in np.geomspace(1e8, 1e12, 25):
+            rows.append({"run": f"N{N:.0e}", "point": "eval", "N": N, "D": D, "C": 6 * N * D,
+                         "loss": float(approach3.law(CHINCHILLA, N, D)), "included": True})
+    fit = analysis.fit_approach1(pd.DataFrame(rows))
+    true_a = CHINCHILLA["beta"] / (CHINCHILLA["alpha"] + CHINCHILLA["beta"])
+    assert fit["a"] == pytest.approx(true_a, abs=0.08)
+    assert fit["a"] + fit["b"] == pytest.approx(1.0, abs=1e-6)
+
+
+SMALL = {"E": 1.5, "A": 100.0, "B": 1000.0, "alpha": 0.4, "beta": 0.4}  # optimum within the sizes
+
+
+def _sweep(tmp_path):
+    """A sweep directory: 2 budgets × 4 sizes, one run diverged, one unfinished."""
+    sweep = tmp_path / "sweep"
+    plan = []
+    for C in (1e12, 1e13):
+        for N in (1e4, 3e4, 1e5, 3e5):
+            name = f"C{C:.0e}-N{N:.0e}"
+            D = C / (6 * N)
+            plan.append({"name": name, "budget": C, "n_params": N, "n_params_non_embedding": N / 2,
+                         "tokens": D, "flops": C, "flops_6nd": C})
+            if name == "C1e+13-N3e+05":
+                continue  # unfinished
+            status = "diverged" if name == "C1e+12-N1e+04" else "completed"
+            run = sweep / "runs" / name
+            run.mkdir(parents=True)
+            loss = float(approach3.law(SMALL, N, D))
+            (run / "result.json").write_text(json.dumps({
+                "status": status, "name": name, "steps": 100, "n_params": N, "n_params_non_embedding": N / 2,
+                "tokens": D, "flops": C, "flops_6nd": C, "flops_per_token": 6 * N,
+                "eval_loss": loss if status == "completed" else None, "config_hash": "x",
+                "diverged_step": 50 if status == "diverged" else None}))
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "tokens": D * s / 100, "flops": C * s / 100,
+                            "eval_loss": float(approach3.law(SMALL, N, D * s / 100))}) + "\n"
+                for s in (25, 50, 75, 100)))
+    (sweep / "plan.json").write_text(json.dumps({"runs": plan}))
+    return sweep
+
+
+def test_sweep_loader_keeps_left_out_runs_and_reports_them(tmp_path):
+    sweep = _sweep(tmp_path)
+    df = analysis.load(sweep)
+    finals = df[df["point"] == "final"].set_index("run")
+    assert len(finals) == 8 and finals["included"].sum() == 6
+    assert finals.loc["C1e+12-N1e+04", "reason"] == "status diverged at step 50"
+    assert finals.loc["C1e+13-N3e+05", "reason"].startswith("unfinished")
+    assert (df["point"] == "eval").sum() == 4 * 7
+    assert analysis.load(sweep, n="non_embedding")["N"].max() == 1.5e5
+    fits = analysis.run(sweep, tmp_path / "out", bootstrap=20, progress=False)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "`C1e+12-N1e+04`: status diverged at step 50" in report
+    assert "`C1e+13-N3e+05`: unfinished" in report
+    assert "a" in fits["approach1"] and "budgets" in fits["approach2"]
+
+
+def test_cli_on_a_table_writes_strict_json_report_and_plots(tmp_path):
+    table = isoflop_table(0.5, budgets=(1e18, 1e19, 1e20))
+    table["loss"] = approach3.law(CHINCHILLA, table["N"], table["D"])
+    table.drop(columns="budget").to_csv(tmp_path / "points.csv", index=False)
+    proc = subprocess.run([sys.executable, "-m", "lm.analysis", str(tmp_path / "points.csv"),
+                           "--out", str(tmp_path / "out"), "--bootstrap", "50", "--budgets", "1e21,1e22"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    fits = json.loads((tmp_path / "out" / "fits.json").read_text(), parse_constant=pytest.fail)
+    a2, a3 = fits["approach2"], fits["approach3"]
+    assert {"a", "b", "a_ci", "b_ci", "budgets"} <= set(a2)
+    assert {"C", "N_opt", "D_opt", "loss_min", "edge"} <= set(a2["budgets"][0])
+    assert {"E", "A", "B", "alpha", "beta", "a", "b", "objective", "ci", "seconds"} <= set(a3)
+    assert a3["alpha"] == pytest.approx(0.34, rel=1e-2)
+    assert [p["C"] for p in a3["predictions"]] == [1e21, 1e22]
+    assert "skipped" in fits["approach1"]
+    for png in ("isoflop.png", "optimal.png", "contours.png", "residuals.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000
+    assert "Approach 3" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.drop(columns="loss"), r"lacks column\(s\) \['loss'\]"),
+    (lambda t: t.assign(N=-t["N"]), r"column 'N' must be finite and > 0, but row 0 has"),
+    (lambda t: t.assign(D=0.0), r"column 'D' must be finite and > 0"),
+    (lambda t: t.assign(loss=np.where(t.index == 3, np.nan, t["loss"])), r"column 'loss' .* row 3 has nan"),
+])
+def test_bad_tables_are_clear_errors(tmp_path, change, message):
+    change(law_table(CHINCHILLA, 20)).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=message):
+        analysis.run(tmp_path / "t.csv", bootstrap=0, progress=False)
+
+
+def test_too_few_points_and_a_single_budget_are_reported_skips(tmp_path):
+    table = isoflop_table(0.5, budgets=(1e19,)).head(4)
+    table.to_csv(tmp_path / "t.csv", index=False)
+    fits = analysis.run(tmp_path / "t.csv", bootstrap=10, progress=False)
+    assert "at least 5 points" in fits["approach3"]["skipped"]
+    assert "two budgets" in fits["approach2"]["skipped"]
+    assert math.isfinite(fits["approach2"]["budgets"][0]["N_opt"])
+    assert "Skipped" in (tmp_path / "report.md").read_text()

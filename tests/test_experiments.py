@@ -1,0 +1,202 @@
+"""IsoFLOP sweeps: planning, running, resuming, locking, SLURM (submitit local), errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs.isoflop import tiny
+from experiments import launch
+from experiments.plan import plan
+from lm.config import ConfigError
+
+from .conftest import ROOT
+
+
+def micro_sweep(data_dir):
+    """2 budgets × 3 sizes of very small models: a whole sweep in well under a minute."""
+    c = tiny.get_config()
+    c.train.data.data_dir = str(data_dir)
+    c.train.data.seq_len, c.train.data.batch_size, c.train.data.eval_batches = 32, 8, 2
+    c.train.train.log_every, c.train.train.checkpoint_every = 10, 20
+    c.budgets = (1.6e9, 4.8e9)
+    c.shapes = ("8x1,16x1,24x1", "16x1,24x1,32x1")
+    c.runner = "local"
+    c.analysis.bootstrap = 20
+    return c
+
+
+@pytest.mark.parametrize("generated", [False, True])
+def test_planner_meets_budgets_with_unique_names(generated):
+    c = tiny.get_config()
+    if generated:
+        c.shapes, c.budgets = (), (1e15, 1e16, 1e17)
+        c.train.data.seq_len, c.train.data.batch_size = 1024, 64
+    runs = plan(c)
+    assert len(runs) == len(c.budgets) * (c.sizes_per_budget if generated else 5)
+    for r in runs:
+        assert abs(r.flops / r.budget - 1) < 0.01, r.name
+        assert r.config.train.steps == r.steps and r.tokens == r.steps * (
+            r.config.data.batch_size * r.config.data.seq_len)
+    assert len({r.name for r in runs}) == len(runs)
+    assert runs[0].name == "C3e11-N1.1e4" or generated
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c, "budgets", ()), r"budgets = \(\) .*at least one"),
+    (lambda c: setattr(c, "budgets", (1e3, 1e12, 3e12)), r"budget 1e3 is too small for model 16x1"),
+    (lambda c: setattr(c, "shapes", ("16x1,16x1,24x2", c.shapes[1], c.shapes[2])),
+     r"duplicate model sizes \[\(16, 1\)\]"),
+    (lambda c: setattr(c, "shapes", ("16by1", c.shapes[1], c.shapes[2])), r"shapes\[0\] = '16by1'"),
+    (lambda c: setattr(c, "flops", "approx"), r"flops = 'approx'"),
+])
+def test_bad_sweep_configs(change, message):
+    c = tiny.get_config()
+    change(c)
+    with pytest.raises(ConfigError, match=message):
+        plan(c)
+
+
+def _isoflop(sweep_dir, *args, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.isoflop", f"--sweep_dir={sweep_dir}", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(env or {})))
+
+
+def _config_flags(c) -> list[str]:
+    return ["--config=configs/isoflop/tiny.py",
+            f"--config.train.data.data_dir={c.train.data.data_dir}",
+            "--config.train.data.seq_len=32", "--config.train.data.batch_size=8",
+            "--config.train.data.eval_batches=2", "--config.train.train.log_every=10",
+            "--config.train.train.checkpoint_every=20", f"--config.budgets={c.budgets}",
+            f"--config.shapes={c.shapes}", "--config.runner=local",
+            "--config.analysis.bootstrap=20"]
+
+
+@pytest.fixture(scope="module")
+def reference_sweep(tmp_path_factory, data_dir):
+    """An uninterrupted micro sweep run through the CLI."""
+    c = micro_sweep(data_dir)
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    proc = _isoflop(sweep_dir, *_config_flags(c))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    return c, sweep_dir, out
+
+
+def _eval_losses(sweep_dir):
+    return {p.parent.name: json.loads(p.read_text())["eval_loss"]
+            for p in sweep_dir.glob("runs/*/result.json")}
+
+
+def test_micro_sweep_end_to_end(reference_sweep):
+    c, sweep_dir, out = reference_sweep
+    results = [json.loads(p.read_text()) for p in sweep_dir.glob("runs/*/result.json")]
+    assert len(results) == 6 and all(r["status"] == "completed" for r in results)
+    fits = json.loads((sweep_dir / "fits.json").read_text())
+    assert "approach2" in fits and "approach3" in fits
+    assert (sweep_dir / "report.md").exists()
+    assert "sweep: 6/6 done" in out and "report:" in out and "next budget" in out
+    plan_file = json.loads((sweep_dir / "plan.json").read_text())
+    assert [r["name"] for r in plan_file["runs"]] == [r.name for r in plan(c)]
+
+
+def test_killed_sweep_finishes_only_what_was_missing(reference_sweep, tmp_path):
+    c, ref_dir, _ = reference_sweep
+    sweep_dir = tmp_path / "sweep"
+    proc = _isoflop(sweep_dir, *_config_flags(c), "--analyse=false")
+    deadline = time.time() + 300
+    while len(list(sweep_dir.glob("runs/*/result.json"))) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    finished = {p.parent.name for p in sweep_dir.glob("runs/*/result.json")}
+    proc = _isoflop(sweep_dir, *_config_flags(c), "--analyse=false")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    assert f"{len(finished)} already done" in out
+    for name in finished:
+        assert f"{name}: completed" not in out
+    assert _eval_losses(sweep_dir) == _eval_losses(ref_dir)
+
+
+def test_two_runners_train_each_run_once(reference_sweep, tmp_path):
+    c, ref_dir, _ = reference_sweep
+    sweep_dir = tmp_path / "sweep"
+    procs = [_isoflop(sweep_dir, *_config_flags(c), "--analyse=false") for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    for r in plan(c):
+        trained = sum(out.count(f"{r.name}: completed") for out in outs)
+        assert trained == 1, (r.name, outs)
+    assert _eval_losses(sweep_dir) == _eval_losses(ref_dir)
+
+
+def test_stale_lock_is_taken_over(tmp_path):
+    lock_dir = tmp_path / "run"
+    lock_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (lock_dir / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
+    lock = launch.RunLock(lock_dir)
+    assert lock.acquire()
+    assert not launch.RunLock(lock_dir).acquire()  # live holder: refused
+    lock.release()
+    assert not (lock_dir / ".lock").exists()
+
+
+def test_slurm_path_with_submitit_local_executor(reference_sweep, tmp_path):
+    c, ref_dir, _ = reference_sweep
+    sweep_dir = tmp_path / "sweep"
+    proc = _isoflop(sweep_dir, *_config_flags(c), "--runner=slurm", "--slurm_cluster=local",
+                    "--analyse=false")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    assert "submitted 6 job(s)" in out
+    assert _eval_losses(sweep_dir) == _eval_losses(ref_dir)
+
+
+def test_wsd_branch_equals_an_independent_run(tmp_path, data_dir):
+    """A cooldown branched from a WSD trunk is the run it replaces, bit for bit."""
+    import numpy as np
+
+    from lm.checkpoint import load_run
+    from lm.train import train
+    from tests.test_train import losses
+
+    c = micro_sweep(data_dir)
+    c.mode, c.budgets, c.shapes = "wsd", (1e9, 2e9), ("16x1", "16x1")
+    trunk, branch = sorted(plan(c, tmp_path), key=lambda r: r.after is not None)
+    assert branch.after == trunk.name and branch.branch_step in trunk.config.train.save_steps
+    train(trunk.config, trunk.workdir)
+    train(branch.config, branch.workdir)
+    alone = branch.config.copy_and_resolve_references()
+    alone.train.init_from, alone.train.init_mode = "", "params"
+    result = train(alone, tmp_path / "alone")
+    assert json.loads((tmp_path / "runs" / branch.name / "result.json").read_text())[
+        "eval_loss"] == result["eval_loss"]
+    a, b = load_run(branch.workdir)[2], load_run(tmp_path / "alone")[2]
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    tail = [x for x in losses(tmp_path / "alone") if x[0] > branch.branch_step]
+    assert losses(tmp_path / "runs" / branch.name)[-len(tail):] == tail
+
+
+def test_wsd_plan_reports_savings():
+    from experiments.plan import format_plan
+
+    c = tiny.get_config()
+    c.mode = "wsd"
+    runs = plan(c, "/sweep")
+    trunks = [r for r in runs if r.after is None]
+    assert len(trunks) == len({r.shape for r in runs})
+    assert "saved by WSD branches" in format_plan(runs)
+    for r in runs:
+        if r.after:
+            assert r.config.train.init_from == f"/sweep/runs/{r.after}"
+            assert r.config.train.init_step == r.branch_step
