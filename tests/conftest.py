@@ -46,6 +46,15 @@ def data_dir(tmp_path_factory):
 STEPS = 300
 
 
+def data_config(data_dir, **overrides):
+    """A tiny data config (seq_len 32, batch 8) with `overrides` for config.data."""
+    c = get_config()
+    c.data.data_dir = str(data_dir)
+    c.data.seq_len, c.data.batch_size, c.data.eval_batches = 32, 8, 2
+    c.data.update(overrides)
+    return c
+
+
 def make_config(data_dir: Path):
     """The tiny byte-level model every training test starts from."""
     c = get_config()

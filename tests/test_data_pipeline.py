@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from configs.train import get_config
 from lm.data import DataError, build_dataset, to_global
 from lm.data.splits import unit_hash
 
-from .conftest import ROOT, run_python
-
-
-def data_config(data_dir, **overrides):
-    c = get_config()
-    c.data.data_dir = str(data_dir)
-    c.data.seq_len, c.data.batch_size, c.data.eval_batches = 32, 8, 2
-    c.data.update(overrides)
-    return c
+from .conftest import ROOT, data_config, run_python
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs.train import get_config
 from lm.data import DataError, build_dataset
 from lm.data.corpus import SplitCorpus
 from lm.data.sources import open_corpus
 from lm.data.splits import unit_hash
 
-
-def data_config(data_dir, **overrides):
-    c = get_config()
-    c.data.data_dir = str(data_dir)
-    c.data.seq_len, c.data.batch_size, c.data.eval_batches = 32, 8, 2
-    c.data.update(overrides)
-    return c
+from .conftest import data_config
 
 
 def ids(corpus, split):

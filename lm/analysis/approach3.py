@@ -28,7 +28,7 @@ N_PARAMS = 5
 MAX_ITER, GTOL, FTOL = 1000, 1e-10, 1e-15
 # Two phases keep the 4,500-start grid fast: every start takes SCREEN_ITER float32 L-BFGS steps,
 # then the POLISH best run to convergence in float64 (the best of those is the fit).
-SCREEN_ITER, POLISH = 8, 64
+SCREEN_ITER, POLISH = 6, 64
 # Chinchilla's grid of initial values (4,500 starts), in the solver's order (a, b, e, α, β).
 GRID = {
     "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
