@@ -123,8 +123,9 @@ def main(argv: list[str]) -> None:
             write_plan(sweep_dir, sweep, runs)
         except ConfigError as e:
             sys.exit(f"error: {e}")
-        # Trunks before their branches, so a sequential runner never waits on itself.
-        todo = [r.name for r in sorted(runs, key=lambda r: r.after is not None)
+        # Trunks before their branches (a sequential runner never waits on itself), and the
+        # costliest runs first, so parallel workers finish together instead of one trailing.
+        todo = [r.name for r in sorted(runs, key=lambda r: (r.after is not None, -trained_flops(r)))
                 if not launch.is_done(sweep_dir, r.name)]
         print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} already done",
               flush=True)
