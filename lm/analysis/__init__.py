@@ -16,7 +16,7 @@ from lm.analysis.approach1 import fit_approach1
 from lm.analysis.approach2 import fit_approach2
 from lm.analysis.approach3 import closed_form_optimum, fit_approach3, law
 from lm.analysis.load import fit_points, from_table, load
-from lm.files import write_json_atomic
+from lm.files import write_bytes_atomic, write_json_atomic
 
 __all__ = ["fit_approach1", "fit_approach2", "fit_approach3", "from_table", "load",
            "optimal_allocation", "predict_loss", "run"]
@@ -42,7 +42,7 @@ def predict_loss(fit: dict, N, D):
     return law(fit, N, D)
 
 
-def _safe(name: str, fn, *args, **kwargs) -> dict:
+def _safe(fn, *args, **kwargs) -> dict:
     """A fit that cannot be made is a reported skip, never a crash of the whole analysis."""
     try:
         return fn(*args, **kwargs)
@@ -65,14 +65,14 @@ def run(path: str | Path, out: str | Path | None = None, n: str = "total", boots
     fit_points(df)  # bad values fail here, with the column and row named
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        a2 = _safe("approach2", fit_approach2, df, bootstrap=bootstrap, seed=seed, tolerance=tolerance,
+        a2 = _safe(fit_approach2, df, bootstrap=bootstrap, seed=seed, tolerance=tolerance,
                    budgets=budgets)
     for w in caught:
         print(f"warning: {w.message}", flush=True)
-    a3 = _safe("approach3", fit_approach3, df, bootstrap=bootstrap, seed=seed, budgets=budgets,
+    a3 = _safe(fit_approach3, df, bootstrap=bootstrap, seed=seed, budgets=budgets,
                progress=progress)
     a3.pop("samples", None)
-    a1 = _safe("approach1", fit_approach1, df)
+    a1 = _safe(fit_approach1, df)
     fits = {"source": str(path), "n": n, "approach1": a1, "approach2": a2, "approach3": a3}
     figures = []
     if "budgets" in a2:
@@ -86,8 +86,7 @@ def run(path: str | Path, out: str | Path | None = None, n: str = "total", boots
     fits["figures"] = figures
     fits["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(out / "fits.json", fits)
-    (out / ".report.md.tmp").write_text(report.render(fits, df, str(path), figures))
-    (out / ".report.md.tmp").replace(out / "report.md")
+    write_bytes_atomic(out / "report.md", report.render(fits, df, str(path), figures).encode())
     return fits
 
 
