@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     parser.add_argument("--remat", choices=("none", "full", "dots"), default=None)
-    parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default=None)
+    parser.add_argument("--attention", choices=("auto", "blockwise", "xla", "cudnn"), default=None)
     parser.add_argument("--unroll_layers", action="store_true", help="unroll the layer scan")
     parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: all data)")
     parser.add_argument("--json", default=None, help="also write the results to this file")

@@ -11,7 +11,7 @@ import ml_collections
 ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "blockwise", "xla", "cudnn")
 SCHEDULES = ("cosine", "wsd", "constant")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
 LR_RULES = ("constant", "inverse_width")

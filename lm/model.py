@@ -1,24 +1,31 @@
 """Decoder-only transformer in Flax NNX with logical axis names on every parameter.
 
-Pre-norm RMSNorm blocks, rotary positions, causal attention through
-`jax.nn.dot_product_attention`, GELU or SwiGLU MLP, optional tied embeddings. The layers'
+Pre-norm RMSNorm blocks, rotary positions, causal attention (blockwise on CPU, else through
+`jax.nn.dot_product_attention`), GELU or SwiGLU MLP, optional tied embeddings. The layers'
 parameters are stacked on a leading `layers` axis and applied with `jax.lax.scan`, so
 compile time does not grow with depth. Parameters are float32; compute uses `model.dtype`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from lm.config import head_dim
 from lm.sharding import constrain
 
 Params = dict[str, Any]
+
+# Query block of the blockwise causal attention: small enough that each block's scores stay in
+# cache, large enough that the per-block matmuls are not dominated by overhead (64 measured best
+# on CPU for T = 256 and 512, see docs/benchmarks.md).
+ATTENTION_BLOCK = 64
 
 
 def _param(key: jax.Array, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float,
@@ -139,9 +146,62 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_impl(cfg: ml_collections.ConfigDict) -> str | None:
-    """'auto' lets JAX choose (cuDNN flash attention on GPUs when it applies)."""
-    return None if cfg.attention == "auto" else cfg.attention
+def causal_attention(cfg, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal self-attention of q, k, v [batch, length, heads, head_dim].
+
+    'auto' is the blockwise kernel below on CPU and lets JAX choose elsewhere (cuDNN flash
+    attention on GPUs when it applies); 'blockwise', 'xla' and 'cudnn' force one.
+    """
+    impl = cfg.attention
+    if impl == "auto" and jax.default_backend() == "cpu":
+        impl = "blockwise"
+    if impl == "blockwise":
+        return blockwise_causal_attention(q, k, v, ATTENTION_BLOCK)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=None if impl == "auto" else impl)
+
+
+def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int,
+                               ) -> jax.Array:
+    """Exact causal attention that never computes a fully masked block.
+
+    Query block [s, e) attends to keys [0, e) only, so the work is (n + 1) / 2n of the full
+    T×T product for n blocks, and each softmax (and the probabilities autodiff saves) is a
+    [block, e] slab rather than [T, T]: on CPU that memory traffic, not the matmuls, was the
+    cost of attention. Scores and softmax are float32 whatever the compute dtype.
+    """
+    length = q.shape[1]
+    q = q * jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)
+    outputs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        scores = jnp.einsum("bqhk,bshk->bhqs", q[:, start:end], k[:, :end],
+                            preferred_element_type=jnp.float32)
+        visible = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+        outputs.append(jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v[:, :end]))
+    return jnp.concatenate(outputs, axis=1)
+
+
+_GELU_C = math.sqrt(2 / math.pi)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """tanh-approximate GELU (the value of `jax.nn.gelu`) whose backward pass keeps only x.
+
+    Autodiff through tanh saves five [tokens, d_ff] intermediates per layer, which the layer
+    scan stacks for every layer; recomputing tanh in the backward pass is cheaper than that.
+    """
+    return 0.5 * x * (1 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
+
+
+def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    t = jnp.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)),)
+
+
+gelu.defvjp(lambda x: (gelu(x), x), _gelu_bwd)
 
 
 def qkv_proj(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array):
@@ -158,7 +218,7 @@ def mlp(cfg, p: Params, x: jax.Array) -> jax.Array:
         gu = jnp.einsum("btd,dcf->cbtf", h, p["w_in"].astype(x.dtype))
         u = jax.nn.silu(gu[0]) * gu[1]
     else:
-        u = jax.nn.gelu(jnp.einsum("btd,df->btf", h, p["w_in"].astype(x.dtype)))
+        u = gelu(jnp.einsum("btd,df->btf", h, p["w_in"].astype(x.dtype)))
     u = constrain(u, ("batch", "length", "mlp"))
     return jnp.einsum("btf,fd->btd", u, p["w_out"].astype(x.dtype))
 
@@ -167,7 +227,7 @@ def block(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.A
     """One pre-norm transformer block over a full (causal) sequence."""
     q, k, v = qkv_proj(cfg, p, x, sin, cos)
     q = constrain(q, ("batch", "length", "heads", "kv"))
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_impl(cfg))
+    o = causal_attention(cfg, q, k, v)
     x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(x.dtype))
     x = constrain(x, ("batch", "length", "embed"))
     x = x + mlp(cfg, p, x)
