@@ -209,3 +209,13 @@ def test_too_few_points_and_a_single_budget_are_reported_skips(tmp_path):
     assert "two budgets" in fits["approach2"]["skipped"]
     assert math.isfinite(fits["approach2"]["budgets"][0]["N_opt"])
     assert "Skipped" in (tmp_path / "report.md").read_text()
+
+
+def test_degenerate_approach3_solutions_never_win():
+    """α ≤ 0, β ≤ 0 or an overflowing coefficient is not a scaling law, whatever its objective."""
+    theta = np.array([[5.0, 6.0, 0.5, 0.3, 0.3],     # a proper law
+                      [5.0, 6.0, 0.5, -1.3, 0.3],    # alpha < 0: loss grows with N
+                      [5.0, 6.0, 0.5, 0.3, 0.0],     # beta = 0
+                      [5.0, 800.0, 0.5, 0.3, 78.0]])  # B = exp(800) overflows float64
+    value = np.array([1e-3, 1e-6, 1e-6, 1e-6])
+    np.testing.assert_array_equal(approach3.admissible(theta, value), [1e-3, np.inf, np.inf, np.inf])

@@ -104,3 +104,13 @@ def test_gelu_matches_jax_value_and_gradient():
     np.testing.assert_allclose(model_lib.gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
     np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x),
                                jax.vmap(jax.grad(jax.nn.gelu))(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("a,b", [(8, 24), (24, 8)])  # each side of the smaller-operand choice
+def test_dense_gradient_matches_autodiff(a, b):
+    x, w = jax.random.normal(jax.random.key(0), (2, 5, a)), jax.random.normal(jax.random.key(1), (a, b))
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    ours = jax.grad(loss(model_lib.dense), argnums=(0, 1))(x, w)
+    ref = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+    for g, r in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -188,6 +188,18 @@ def unpack(theta: np.ndarray) -> dict[str, np.ndarray]:
                 "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
 
 
+def admissible(theta: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Objective values with inf for solutions that are not a scaling law.
+
+    With few points the unconstrained solver can reach a better objective with α ≤ 0 (loss
+    growing with N) or with A, B or E beyond float64 (a steep term that fits noise); neither has
+    a compute-optimal allocation, so such solutions never win.
+    """
+    p = unpack(theta)
+    ok = (p["alpha"] > 0) & (p["beta"] > 0) & np.isfinite(p["A"]) & np.isfinite(p["B"]) & np.isfinite(p["E"])
+    return np.where(ok & np.isfinite(value), value, np.inf)
+
+
 def pack(fit: dict) -> np.ndarray:
     """The law's E, A, B, α, β → solver parameters (a, b, e, α, β)."""
     return np.array([np.log(fit["A"]), np.log(fit["B"]), np.log(fit["E"]), fit["alpha"], fit["beta"]])
@@ -241,7 +253,11 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
         starts = theta[0][np.argsort(value)[:polish]].astype(np.float64)
     theta, value, polish_seconds = solve(starts[None], log_n, log_d, log_l, ones, **opts)
     seconds += polish_seconds
-    theta, value = theta[0], np.where(np.isfinite(value[0]), value[0], np.inf)
+    theta, value = theta[0], admissible(theta[0], value[0])
+    if not np.isfinite(value).any():
+        raise ValueError(f"approach 3: every fit from the {n_starts} starts is degenerate (alpha or beta "
+                         f"<= 0, or A, B, E overflow): these {len(log_n)} points do not pin down "
+                         "L(N, D); more sizes per budget or more budgets are needed")
     order = np.argsort(value)
     fit = {k: float(v) for k, v in unpack(theta[order[0]]).items()}
     fit.update(objective=float(value[order[0]]), seconds=seconds, starts=n_starts, points=len(log_n),
@@ -278,7 +294,7 @@ def bootstrap_samples(warm: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, lo
         w = np.concatenate([w, np.ones((pad, P))]) if pad else w
         starts = np.broadcast_to(warm, (chunk, *warm.shape))
         theta, value, _ = solve(starts, log_n, log_d, log_l, w, **opts)
-        value = np.where(np.isfinite(value), value, np.inf)
+        value = admissible(theta, value)
         out.append(theta[np.arange(chunk), np.argmin(value, axis=1)][:chunk - pad])
         if progress:
             show_progress(min(i + chunk, n), n, "bootstrap approach 3")
