@@ -45,6 +45,7 @@ class Progress:
     def __init__(self, sweep_dir: Path, runs: list[Run]):
         self.sweep_dir, self.runs, self.start = sweep_dir, runs, time.time()
         self.initial = self._done_flops()
+        self.last = ""
 
     def _done_flops(self) -> float:
         return sum(trained_flops(r) for r in self.runs if launch.is_done(self.sweep_dir, r.name))
@@ -56,9 +57,12 @@ class Progress:
         total, flops = sum(trained_flops(r) for r in self.runs), self._done_flops()
         rate = (flops - self.initial) / max(time.time() - self.start, 1e-9)
         eta = format_duration((total - flops) / rate) if rate > 0 else "?"
-        print(f"sweep: {len(done)}/{len(self.runs)} done, {running} running, "
-              f"{len(self.runs) - len(done) - running} left | FLOPs {flops:.2e} of {total:.2e} "
-              f"({flops / total:.0%}) | ETA {eta}", flush=True)
+        line = (f"sweep: {len(done)}/{len(self.runs)} done, {running} running, "
+                f"{len(self.runs) - len(done) - running} left | FLOPs {flops:.2e} of {total:.2e} "
+                f"({flops / total:.0%}) | ETA {eta}")
+        if line != self.last:  # the runner and the final summary may both report the same state
+            print(line, flush=True)
+            self.last = line
 
 
 def measured_seconds_per_flop(runs: list[Run]) -> float:

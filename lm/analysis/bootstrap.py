@@ -25,6 +25,9 @@ def percentile_ci(samples: dict[str, np.ndarray], level: float = 0.95) -> dict[s
 
 
 def progress(done: int, total: int, label: str) -> None:
-    """One carriage-returned progress line on stderr, ended when done."""
-    end = "\n" if done >= total else ""
-    print(f"\r{label}: {done}/{total} resamples", end=end, file=sys.stderr, flush=True)
+    """Progress on stderr: one line rewritten in place on a terminal, one line per update in a log."""
+    if sys.stderr.isatty():
+        print(f"\r{label}: {done}/{total} resamples", end="\n" if done >= total else "",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"{label}: {done}/{total} resamples", file=sys.stderr, flush=True)
