@@ -24,8 +24,8 @@ def model_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
     m.remat = "none"  # "none", "full" (recompute each block) or "dots" (save matmul outputs)
     m.attention = "auto"  # "auto" (CPU: "blockwise"; GPU: JAX picks cuDNN), "blockwise", "xla", "cudnn"
-    # Layers run in a lax.scan (compile time flat in depth); unrolling trades compile time for
-    # speed on CPU, where the scan's per-layer slicing costs ~25 % of a small model's step.
+    # Layers run in a lax.scan (compile time flat in depth); unrolling compiles each layer
+    # separately and, since the CPU attention/GELU changes, is no faster (docs/benchmarks.md).
     m.unroll_layers = False
     return m
 

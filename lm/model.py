@@ -183,7 +183,7 @@ def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: 
     return jnp.concatenate(outputs, axis=1)
 
 
-_GELU_C = math.sqrt(2 / math.pi)
+_GELU_C, _GELU_A = math.sqrt(2 / math.pi), 0.044715
 
 
 @jax.custom_vjp
@@ -193,12 +193,12 @@ def gelu(x: jax.Array) -> jax.Array:
     Autodiff through tanh saves five [tokens, d_ff] intermediates per layer, which the layer
     scan stacks for every layer; recomputing tanh in the backward pass is cheaper than that.
     """
-    return 0.5 * x * (1 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + jnp.tanh(_GELU_C * (x + _GELU_A * x**3)))
 
 
 def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    t = jnp.tanh(_GELU_C * (x + 0.044715 * x**3))
-    return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)),)
+    t = jnp.tanh(_GELU_C * (x + _GELU_A * x**3))
+    return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * x * x)),)
 
 
 gelu.defvjp(lambda x: (gelu(x), x), _gelu_bwd)
