@@ -163,24 +163,77 @@ def causal_attention(cfg, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
 
 def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int,
                                ) -> jax.Array:
-    """Exact causal attention that never computes a fully masked block.
+    """Exact causal attention that never computes a fully masked block, flash-style.
 
     Query block [s, e) attends to keys [0, e) only, so the work is (n + 1) / 2n of the full
-    T×T product for n blocks, and each softmax (and the probabilities autodiff saves) is a
-    [block, e] slab rather than [T, T]: on CPU that memory traffic, not the matmuls, was the
-    cost of attention. Scores and softmax are float32 whatever the compute dtype.
+    T×T product for n blocks, and each softmax is a cache-sized [block, e] slab. The backward
+    pass recomputes each block's probabilities from the saved log-sum-exp (FlashAttention's
+    trade: one more QKᵀ per block) instead of keeping them, so the layer scan stacks only q, k,
+    v, the output and the log-sum-exp per layer. Heads are moved ahead of positions once, so
+    every block's keys are a contiguous slice. Scores and softmax are float32.
     """
-    length = q.shape[1]
-    q = q * jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)
-    outputs = []
-    for start in range(0, length, block):
+    return _blockwise(block, q, k, v)
+
+
+def _heads_major(x: jax.Array) -> jax.Array:
+    return x.transpose(0, 2, 1, 3)  # [batch, length, heads, dim] <-> [batch, heads, length, dim]
+
+
+def _visible(start: int, end: int) -> np.ndarray:
+    return np.arange(end)[None, :] <= np.arange(start, end)[:, None]
+
+
+def _block_scores(qh: jax.Array, kh: jax.Array, start: int, end: int) -> jax.Array:
+    """Masked float32 scores of queries [start, end) against keys [0, end), heads-major."""
+    s = jnp.einsum("bhqd,bhsd->bhqs", qh[:, :, start:end], kh[:, :, :end],
+                   preferred_element_type=jnp.float32)
+    return jnp.where(_visible(start, end), s, -jnp.inf)
+
+
+def _blockwise_fwd(block: int, q: jax.Array, k: jax.Array, v: jax.Array):
+    qh = _heads_major(q * jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype))
+    kh, vh = _heads_major(k), _heads_major(v)
+    outs, lses = [], []
+    for start in range(0, q.shape[1], block):
+        end = min(start + block, q.shape[1])
+        s = _block_scores(qh, kh, start, end)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bhqs,bhsd->bhqd", p.astype(v.dtype), vh[:, :, :end],
+                       preferred_element_type=jnp.float32) / total
+        outs.append(o.astype(v.dtype))
+        lses.append(m + jnp.log(total))
+    oh = jnp.concatenate(outs, axis=2)
+    return _heads_major(oh), (qh, kh, vh, oh, jnp.concatenate(lses, axis=2))
+
+
+def _blockwise_bwd(block: int, res, g: jax.Array):
+    qh, kh, vh, oh, lse = res
+    length, scale = qh.shape[2], 1 / math.sqrt(qh.shape[-1])
+    gh = _heads_major(g)
+    delta = jnp.sum(gh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
+    starts = range(0, length, block)
+    dq, dk_parts, dv_parts = [], [[] for _ in starts], [[] for _ in starts]
+    for i, start in enumerate(starts):
         end = min(start + block, length)
-        scores = jnp.einsum("bqhk,bshk->bhqs", q[:, start:end], k[:, :end],
-                            preferred_element_type=jnp.float32)
-        visible = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
-        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-        outputs.append(jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v[:, :end]))
-    return jnp.concatenate(outputs, axis=1)
+        p = jnp.exp(_block_scores(qh, kh, start, end) - lse[:, :, start:end])
+        g_i = gh[:, :, start:end]
+        dp = jnp.einsum("bhqd,bhsd->bhqs", g_i, vh[:, :, :end], preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[:, :, start:end])).astype(qh.dtype)
+        dq.append(jnp.einsum("bhqs,bhsd->bhqd", ds, kh[:, :, :end]) * scale)
+        dk = jnp.einsum("bhqs,bhqd->bhsd", ds, qh[:, :, start:end])
+        dv = jnp.einsum("bhqs,bhqd->bhsd", p.astype(g.dtype), g_i)
+        for j in range(i + 1):  # key block j of this query block's contribution
+            dk_parts[j].append(dk[:, :, j * block:(j + 1) * block])
+            dv_parts[j].append(dv[:, :, j * block:(j + 1) * block])
+    total = lambda parts: _heads_major(jnp.concatenate([sum(x) for x in parts], axis=2))  # noqa: E731
+    return _heads_major(jnp.concatenate(dq, axis=2)), total(dk_parts), total(dv_parts)
+
+
+_blockwise = jax.custom_vjp(lambda block, q, k, v: _blockwise_fwd(block, q, k, v)[0],
+                            nondiff_argnums=(0,))
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 _GELU_C, _GELU_A = math.sqrt(2 / math.pi), 0.044715
