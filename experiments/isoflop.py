@@ -18,6 +18,7 @@ from experiments import launch
 from experiments.plan import Run, format_plan, plan, sci, trained_flops
 from lm.config import ConfigError
 from lm.files import write_json_atomic
+from lm.host import retain_freed_memory
 from lm.metrics import format_duration, quiet_library_logs
 
 
@@ -116,6 +117,7 @@ def main(argv: list[str]) -> None:
     def run(_):
         f = flags.FLAGS
         quiet_library_logs()
+        retain_freed_memory()
         sweep = f.config
         sweep_dir = Path(f.sweep_dir or sweep.sweep_dir).absolute()
         try:

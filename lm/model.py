@@ -115,7 +115,7 @@ class Transformer(nnx.Module):
                                 preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
             probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
             o = jnp.einsum("bhs,bshk->bhk", probs.astype(dtype), v_cache)[:, None]
-            x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(dtype))
+            x = x + dense(o, p["wo"].astype(dtype), axes=2)
             return x + mlp(cfg, p, x), (k_cache, v_cache)
 
         x, (k_new, v_new) = jax.lax.scan(body, x, (self.layer_params(), cache["k"], cache["v"]))
@@ -180,14 +180,8 @@ def _heads_major(x: jax.Array) -> jax.Array:
 
 
 def _visible(start: int, end: int) -> np.ndarray:
+    """[query, key] mask of queries [start, end) over keys [0, end)."""
     return np.arange(end)[None, :] <= np.arange(start, end)[:, None]
-
-
-def _block_scores(qh: jax.Array, kh: jax.Array, start: int, end: int) -> jax.Array:
-    """Masked float32 scores of queries [start, end) against keys [0, end), heads-major."""
-    s = jnp.einsum("bhqd,bhsd->bhqs", qh[:, :, start:end], kh[:, :, :end],
-                   preferred_element_type=jnp.float32)
-    return jnp.where(_visible(start, end), s, -jnp.inf)
 
 
 def _blockwise_fwd(block: int, q: jax.Array, k: jax.Array, v: jax.Array):
@@ -196,34 +190,41 @@ def _blockwise_fwd(block: int, q: jax.Array, k: jax.Array, v: jax.Array):
     outs, lses = [], []
     for start in range(0, q.shape[1], block):
         end = min(start + block, q.shape[1])
-        s = _block_scores(qh, kh, start, end)
+        s = jnp.einsum("bhqd,bhsd->bhqs", qh[:, :, start:end], kh[:, :, :end],
+                       preferred_element_type=jnp.float32)
+        s = jnp.where(_visible(start, end), s, -jnp.inf)
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - m)
         total = jnp.sum(p, axis=-1, keepdims=True)
         o = jnp.einsum("bhqs,bhsd->bhqd", p.astype(v.dtype), vh[:, :, :end],
                        preferred_element_type=jnp.float32) / total
         outs.append(o.astype(v.dtype))
-        lses.append(m + jnp.log(total))
+        lses.append((m + jnp.log(total))[..., 0])
     oh = jnp.concatenate(outs, axis=2)
     return _heads_major(oh), (qh, kh, vh, oh, jnp.concatenate(lses, axis=2))
 
 
 def _blockwise_bwd(block: int, res, g: jax.Array):
+    """Per query block, in key-major [key, query] orientation so that dk and dv are plain
+    row-major matmuls; only dq needs the transposed block (XLA:CPU ran the transposed-operand
+    products through a slow fallback, ~10 GFLOP/s)."""
     qh, kh, vh, oh, lse = res
     length, scale = qh.shape[2], 1 / math.sqrt(qh.shape[-1])
     gh = _heads_major(g)
-    delta = jnp.sum(gh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = jnp.sum(gh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1)
     starts = range(0, length, block)
     dq, dk_parts, dv_parts = [], [[] for _ in starts], [[] for _ in starts]
     for i, start in enumerate(starts):
         end = min(start + block, length)
-        p = jnp.exp(_block_scores(qh, kh, start, end) - lse[:, :, start:end])
-        g_i = gh[:, :, start:end]
-        dp = jnp.einsum("bhqd,bhsd->bhqs", g_i, vh[:, :, :end], preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[:, :, start:end])).astype(qh.dtype)
-        dq.append(jnp.einsum("bhqs,bhsd->bhqd", ds, kh[:, :, :end]) * scale)
-        dk = jnp.einsum("bhqs,bhqd->bhsd", ds, qh[:, :, start:end])
-        dv = jnp.einsum("bhqs,bhqd->bhsd", p.astype(g.dtype), g_i)
+        q_i, g_i, k_e, v_e = qh[:, :, start:end], gh[:, :, start:end], kh[:, :, :end], vh[:, :, :end]
+        s_t = jnp.einsum("bhsd,bhqd->bhsq", k_e, q_i, preferred_element_type=jnp.float32)
+        p_t = jnp.where(_visible(start, end).T, jnp.exp(s_t - lse[:, :, None, start:end]), 0.0)
+        dp_t = jnp.einsum("bhsd,bhqd->bhsq", v_e, g_i, preferred_element_type=jnp.float32)
+        ds_t = (p_t * (dp_t - delta[:, :, None, start:end])).astype(qh.dtype)
+        ds = jax.lax.optimization_barrier(ds_t.swapaxes(2, 3))
+        dq.append(jnp.einsum("bhqs,bhsd->bhqd", ds, k_e) * jnp.asarray(scale, qh.dtype))
+        dk = jnp.einsum("bhsq,bhqd->bhsd", ds_t, q_i)
+        dv = jnp.einsum("bhsq,bhqd->bhsd", p_t.astype(g.dtype), g_i)
         for j in range(i + 1):  # key block j of this query block's contribution
             dk_parts[j].append(dk[:, :, j * block:(j + 1) * block])
             dv_parts[j].append(dv[:, :, j * block:(j + 1) * block])
@@ -257,17 +258,21 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 gelu.defvjp(lambda x: (gelu(x), x), _gelu_bwd)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., a] @ w [a, b]. On CPU its weight gradient transposes the smaller operand first.
+def dense(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
+    """Contract the last `axes` dims of x with the first `axes` dims of w (`jnp.tensordot`).
 
-    Autodiff writes dw = xᵀ·g; XLA:CPU then materialises gᵀ (for the MLP, [d_ff, tokens]) in a
-    strided copy fused with g's producer, which measured slower than the matmul itself. Making
-    the transpose of the smaller side explicit (an optimization barrier keeps XLA from folding
-    it back into the dot) leaves two row-major matmuls. Other backends take the plain einsum.
+    On CPU this is one row-major 2-D matmul whose weight gradient transposes the smaller
+    operand first: autodiff writes dw = xᵀ·g, and XLA:CPU then materialised gᵀ (for the MLP,
+    [d_ff, tokens]) in a strided copy that measured slower than the matmul itself, or chose a
+    transposed output layout that the next elementwise op read with a large stride. An
+    optimization barrier keeps XLA from folding the explicit transpose back into the dot.
+    Other backends take the plain `tensordot`, which keeps every named axis for sharding.
     """
     if jax.default_backend() != "cpu":
-        return x @ w
-    return _dense_cpu(x, w)
+        return jnp.tensordot(x, w, axes)
+    lead, contracted, out = x.shape[:-axes], w.shape[:axes], w.shape[axes:]
+    y = _dense_cpu(x.reshape(-1, math.prod(contracted)), w.reshape(math.prod(contracted), -1))
+    return y.reshape(*lead, *out)
 
 
 @jax.custom_vjp
@@ -277,11 +282,10 @@ def _dense_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _dense_cpu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    if x2.shape[1] <= g2.shape[1]:
-        dw = jax.lax.optimization_barrier(x2.T) @ g2
+    if x.shape[1] <= g.shape[1]:
+        dw = jax.lax.optimization_barrier(x.T) @ g
     else:
-        dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
+        dw = (jax.lax.optimization_barrier(g.T) @ x).T
     return g @ w.T, dw
 
 
@@ -291,16 +295,16 @@ _dense_cpu.defvjp(lambda x, w: (_dense_cpu(x, w), (x, w)), _dense_cpu_bwd)
 def qkv_proj(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array):
     """Normed input -> rotated q, k and v [batch, length, heads, head_dim]."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    qkv = jnp.einsum("btd,dchk->cbthk", h, p["wqkv"].astype(x.dtype))
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    qkv = dense(h, p["wqkv"].astype(x.dtype))  # [batch, length, 3, heads, head_dim]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
 
 def mlp(cfg, p: Params, x: jax.Array) -> jax.Array:
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
     if cfg.activation == "swiglu":
-        gu = jnp.einsum("btd,dcf->cbtf", h, p["w_in"].astype(x.dtype))
-        u = jax.nn.silu(gu[0]) * gu[1]
+        gu = dense(h, p["w_in"].astype(x.dtype))  # [batch, length, 2, d_ff]
+        u = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
     else:
         u = gelu(dense(h, p["w_in"].astype(x.dtype)))
     u = constrain(u, ("batch", "length", "mlp"))
@@ -312,7 +316,7 @@ def block(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.A
     q, k, v = qkv_proj(cfg, p, x, sin, cos)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     o = causal_attention(cfg, q, k, v)
-    x = x + jnp.einsum("bthk,hkd->btd", o, p["wo"].astype(x.dtype))
+    x = x + dense(o, p["wo"].astype(x.dtype), axes=2)
     x = constrain(x, ("batch", "length", "embed"))
     x = x + mlp(cfg, p, x)
     return constrain(x, ("batch", "length", "embed"))

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from configs.train import get_config
+from lm.host import retain_freed_memory
 
+retain_freed_memory()  # as every entry point does: the CPU step's temporaries stay mapped
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -106,11 +106,16 @@ def test_gelu_matches_jax_value_and_gradient():
                                jax.vmap(jax.grad(jax.nn.gelu))(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("a,b", [(8, 24), (24, 8)])  # each side of the smaller-operand choice
-def test_dense_gradient_matches_autodiff(a, b):
-    x, w = jax.random.normal(jax.random.key(0), (2, 5, a)), jax.random.normal(jax.random.key(1), (a, b))
-    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+@pytest.mark.parametrize("x_shape,w_shape,axes", [
+    ((2, 5, 8), (8, 24), 1), ((2, 5, 24), (24, 8), 1),  # each side of the smaller-operand choice
+    ((2, 5, 8), (8, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2),  # q/k/v and output projections
+])
+def test_dense_matches_tensordot(x_shape, w_shape, axes):
+    x, w = jax.random.normal(jax.random.key(0), x_shape), jax.random.normal(jax.random.key(1), w_shape)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, axes)))  # noqa: E731
+    np.testing.assert_allclose(model_lib.dense(x, w, axes), jnp.tensordot(x, w, axes), rtol=1e-5,
+                               atol=1e-5)
     ours = jax.grad(loss(model_lib.dense), argnums=(0, 1))(x, w)
-    ref = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+    ref = jax.grad(loss(jnp.tensordot), argnums=(0, 1))(x, w)
     for g, r in zip(ours, ref, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -77,13 +77,19 @@ def _two_processes(config, workdir, kill_after_checkpoint: bool):
 
 def test_two_processes_fsdp_kill_and_resume(config, tmp_path):
     reference = _single_process(config, tmp_path / "one", "(1,8,1)", 8)
+    _two_processes(config, tmp_path / "uninterrupted", kill_after_checkpoint=False)
+    uninterrupted = json.loads((tmp_path / "uninterrupted" / "result.json").read_text())
     workdir = tmp_path / "multi"
     _two_processes(config, workdir, kill_after_checkpoint=True)
     outs = _two_processes(config, workdir, kill_after_checkpoint=False)
     assert "resumed from step" in outs[0]
     result = json.loads((workdir / "result.json").read_text())
     assert result["status"] == "completed" and result["devices"] == 8
-    assert result["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-4)
+    # Resuming reproduces the uninterrupted two-process run exactly; one process differs only
+    # by the order in which collectives sum floats, which 60 steps at lr 1e-2 amplify to ~1e-4.
+    assert (result["train_loss"], result["eval_loss"]) == (
+        uninterrupted["train_loss"], uninterrupted["eval_loss"])
+    assert result["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-3)
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines))  # only process 0 writes
 

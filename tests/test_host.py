@@ -1,0 +1,32 @@
+import platform
+
+import pytest
+
+from tests.conftest import run_python
+
+FAULTS = """
+import resource
+from lm.host import retain_freed_memory
+print(retain_freed_memory())
+import jax, jax.numpy as jnp
+f = jax.jit(lambda a: a * 2.0)
+a = jnp.ones(1 << 24)  # 64 MiB: above glibc's largest mmap threshold
+f(a).block_until_ready()
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(a).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
+@pytest.mark.parametrize("retain", [True, False])
+def test_retained_memory_is_not_faulted_in_again(retain):
+    """A fresh 64 MiB output is faulted in again on every call (16,384 pages, or 32 with
+    transparent huge pages) unless freed memory stays mapped."""
+    out = run_python(FAULTS, env={"LM_RETAIN_FREED_MEMORY": "1" if retain else "0"})
+    applied, faults = out.stdout.split()
+    assert applied == str(retain)
+    assert int(faults) < 16 if retain else int(faults) >= 32
