@@ -107,7 +107,7 @@ def test_gelu_matches_jax_value_and_gradient():
 
 
 @pytest.mark.parametrize("x_shape,w_shape,axes", [
-    ((2, 5, 8), (8, 24), 1), ((2, 5, 24), (24, 8), 1),  # each side of the smaller-operand choice
+    ((2, 5, 8), (8, 24), 1), ((2, 5, 24), (24, 8), 1),  # MLP in and out
     ((2, 5, 8), (8, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2),  # q/k/v and output projections
 ])
 def test_dense_matches_tensordot(x_shape, w_shape, axes):
