@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import ml_collections
@@ -51,10 +52,12 @@ class Progress:
     def _done_flops(self) -> float:
         return sum(trained_flops(r) for r in self.runs if launch.is_done(self.sweep_dir, r.name))
 
-    def __call__(self) -> None:
+    def __call__(self, started: Collection[str] = ()) -> None:
+        """`started`: runs a runner has launched that may not hold their lock yet."""
         done = [r for r in self.runs if launch.is_done(self.sweep_dir, r.name)]
-        running = sum((launch.run_dir(self.sweep_dir, r.name) / ".lock").exists()
-                      for r in self.runs)
+        running = sum(r.name not in {d.name for d in done} and (
+            r.name in started or (launch.run_dir(self.sweep_dir, r.name) / ".lock").exists())
+            for r in self.runs)
         total, flops = sum(trained_flops(r) for r in self.runs), self._done_flops()
         rate = (flops - self.initial) / max(time.time() - self.start, 1e-9)
         eta = format_duration((total - flops) / rate) if rate > 0 else "?"

@@ -195,14 +195,14 @@ def gpu_count() -> int:
 
 
 def run_subprocesses(sweep_dir: Path, names: Sequence[str], workers: int,
-                     report: Callable[[], None]) -> None:
+                     report: Callable[..., None]) -> None:
     """A pool of worker processes: one per GPU (CUDA_VISIBLE_DEVICES), else single-threaded CPU."""
     gpus = gpu_count()
     slots = list(range(gpus)) if gpus else list(range(workers))
     queue, running = list(names), {}
     root = Path(__file__).resolve().parents[1]
     (Path(sweep_dir) / "runs").mkdir(parents=True, exist_ok=True)
-    last_report = time.time()
+    last_report, finished = time.time(), []
     while queue or running:
         while queue and len(running) < len(slots):
             slot = next(s for s in slots if s not in running.values())
@@ -214,15 +214,15 @@ def run_subprocesses(sweep_dir: Path, names: Sequence[str], workers: int,
                                     env=env, stdout=log, stderr=subprocess.STDOUT,
                                     preexec_fn=None if gpus else pin_to_core(slot))
             running[proc] = slot
-            proc.log = log  # type: ignore[attr-defined]
+            proc.log, proc.run_name = log, name  # type: ignore[attr-defined]
+        if finished or time.time() - last_report > 60:  # after refilling: the true running count
+            report(started=[p.run_name for p in running])  # type: ignore[attr-defined]
+            last_report = time.time()
         time.sleep(0.5)
         finished = [p for p in running if p.poll() is not None]
         for proc in finished:
             proc.log.close()  # type: ignore[attr-defined]
             del running[proc]
-        if finished or time.time() - last_report > 60:
-            report()
-            last_report = time.time()
 
 
 def run_slurm(sweep_dir: Path, names: Sequence[str], slurm: ml_collections.ConfigDict,

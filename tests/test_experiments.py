@@ -137,6 +137,17 @@ def test_two_runners_train_each_run_once(reference_sweep, tmp_path):
     assert _eval_losses(sweep_dir) == _eval_losses(ref_dir)
 
 
+def test_progress_counts_locked_and_just_started_runs(tmp_path, capsys):
+    from experiments.isoflop import Progress
+
+    runs = plan(micro_sweep(tmp_path))
+    locked = launch.run_dir(tmp_path, runs[0].name)
+    locked.mkdir(parents=True)
+    (locked / ".lock").write_text("{}")
+    Progress(tmp_path, runs)(started=[runs[1].name])  # launched, not yet holding its lock
+    assert f"0/{len(runs)} done, 2 running, {len(runs) - 2} left" in capsys.readouterr().out
+
+
 def test_stale_lock_is_taken_over(tmp_path):
     lock_dir = tmp_path / "run"
     lock_dir.mkdir()
