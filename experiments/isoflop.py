@@ -55,7 +55,8 @@ class Progress:
     def __call__(self, started: Collection[str] = ()) -> None:
         """`started`: runs a runner has launched that may not hold their lock yet."""
         done = [r for r in self.runs if launch.is_done(self.sweep_dir, r.name)]
-        running = sum(r.name not in {d.name for d in done} and (
+        done_names = {r.name for r in done}
+        running = sum(r.name not in done_names and (
             r.name in started or (launch.run_dir(self.sweep_dir, r.name) / ".lock").exists())
             for r in self.runs)
         total, flops = sum(trained_flops(r) for r in self.runs), self._done_flops()

@@ -17,6 +17,7 @@ import numpy as np
 
 from configs.train import get_config
 from lm import sharding
+from lm.config import ATTENTION
 from lm.host import retain_freed_memory
 from lm.metrics import device_peak_flops
 from lm.sizing import count_params, flops_per_token, flops_per_token_palm
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     parser.add_argument("--remat", choices=("none", "full", "dots"), default=None)
-    parser.add_argument("--attention", choices=("auto", "blockwise", "xla", "cudnn"), default=None)
+    parser.add_argument("--attention", choices=ATTENTION, default=None)
     parser.add_argument("--unroll_layers", action="store_true", help="unroll the layer scan")
     parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: all data)")
     parser.add_argument("--json", default=None, help="also write the results to this file")

@@ -16,8 +16,8 @@ def retain_freed_memory() -> bool:
     XLA:CPU allocates a step's temporaries afresh each step. By default glibc serves blocks
     above 32 MiB (and threads' blocks) with mmap and unmaps them on free, so every step faults
     its whole working set back in, one 4 KiB page at a time: on the benchmark VM a memory-bound
-    op ran at ~5 GB/s instead of 30-60 GB/s, and the d=512 step took 25 % longer (see
-    docs/benchmarks.md). One arena, no mmap and no trimming keep the pages mapped, at the price
+    op ran at 4.4 GB/s instead of 27, and the train step took 10 % (d=512) to 35 % (d=128)
+    longer (see docs/benchmarks.md). One arena, no mmap and no trimming keep the pages mapped, at the price
     of the process keeping its peak heap until it exits, as PyTorch's caching allocators do.
 
     Linux/glibc only (a no-op elsewhere); `LM_RETAIN_FREED_MEMORY=0` opts out. Returns whether

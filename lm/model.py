@@ -266,7 +266,7 @@ def dense(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
     fused with g's producer or picked a transposed output layout that the next elementwise op
     read with a large stride; both cost more than the matmul. An optimization barrier keeps
     XLA from folding the transpose back into the dot, leaving plain row-major matmuls (xᵀ·g
-    ran at 140-200 GFLOP/s on the step's shapes, (gᵀ·x)ᵀ at 65-145). Other backends take the
+    ran at 136-199 GFLOP/s on the step's shapes, (gᵀ·x)ᵀ at 65-146). Other backends take the
     plain `tensordot`, which keeps every named axis for sharding.
     """
     if jax.default_backend() != "cpu":
