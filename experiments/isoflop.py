@@ -19,8 +19,8 @@ from experiments import launch
 from experiments.plan import Run, format_plan, plan, sci, trained_flops
 from lm.config import ConfigError
 from lm.files import write_json_atomic
-from lm.host import retain_freed_memory
-from lm.metrics import format_duration, quiet_library_logs
+from lm.host import setup_process
+from lm.metrics import format_duration
 
 
 def write_plan(sweep_dir: Path, sweep: ml_collections.ConfigDict, runs: list[Run]) -> None:
@@ -78,14 +78,19 @@ def measured_seconds_per_flop(runs: list[Run]) -> float:
     return 1.0 / benchmark(r.config, steps=5, warmup=1)["achieved_flops"]
 
 
+def _interval(lo_hi: list | None) -> str:
+    return f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi and None not in lo_hi else "[—]"
+
+
 def headline(fits: dict, budgets: list[float]) -> str:
     """The lines a researcher reads first."""
     lines = []
     a2 = fits.get("approach2") or {}
     if "a" in a2:
-        ci_a, ci_b = a2.get("a_ci") or [float("nan")] * 2, a2.get("b_ci") or [float("nan")] * 2
-        lines.append(f"Approach 2: N_opt ∝ C^{a2['a']:.3f} [{ci_a[0]:.3f}, {ci_a[1]:.3f}], "
-                     f"D_opt ∝ C^{a2['b']:.3f} [{ci_b[0]:.3f}, {ci_b[1]:.3f}]")
+        lines.append(f"Approach 2: N_opt ∝ C^{a2['a']:.3f} {_interval(a2.get('a_ci'))}, "
+                     f"D_opt ∝ C^{a2['b']:.3f} {_interval(a2.get('b_ci'))}")
+        if "ci_skipped" in a2:
+            lines.append("  no bootstrap interval: too few sizes per budget")
         edges = [sci(b["C"]) for b in a2.get("budgets", []) if b.get("edge")]
         lines.append(f"  edge minima at budgets: {', '.join(edges)}" if edges else
                      "  every budget has an interior minimum")
@@ -93,15 +98,16 @@ def headline(fits: dict, budgets: list[float]) -> str:
     if "a" in a3:
         lines.append(f"Approach 3: L = {a3['E']:.3f} + {a3['A']:.4g}/N^{a3['alpha']:.3f} + "
                      f"{a3['B']:.4g}/D^{a3['beta']:.3f}; a = {a3['a']:.3f}, b = {a3['b']:.3f}")
+        if a3.get("warnings"):
+            lines += [f"  unreliable: {w}" for w in a3["warnings"]]
     next_budget = max(budgets) * 10
     from lm import analysis
 
-    for name in ("approach3", "approach2"):
-        if "a" in (fits.get(name) or {}):
-            n_opt, d_opt = analysis.optimal_allocation(fits[name], next_budget)
-            lines.append(f"next budget {sci(next_budget)} FLOPs ({name}): N_opt ≈ {n_opt:.3g}, "
-                         f"D_opt ≈ {d_opt:.3g} ({d_opt / n_opt:.1f} tokens/param)")
-            break
+    usable = [n for n in ("approach3", "approach2") if "a" in (fits.get(n) or {})]
+    for name in sorted(usable, key=lambda n: bool(fits[n].get("warnings")))[:1]:  # trusted first
+        n_opt, d_opt = analysis.optimal_allocation(fits[name], next_budget)
+        lines.append(f"next budget {sci(next_budget)} FLOPs ({name}): N_opt ≈ {n_opt:.3g}, "
+                     f"D_opt ≈ {d_opt:.3g} ({d_opt / n_opt:.1f} tokens/param)")
     return "\n".join(lines)
 
 
@@ -120,8 +126,7 @@ def main(argv: list[str]) -> None:
 
     def run(_):
         f = flags.FLAGS
-        quiet_library_logs()
-        retain_freed_memory()
+        setup_process()
         sweep = f.config
         sweep_dir = Path(f.sweep_dir or sweep.sweep_dir).absolute()
         try:

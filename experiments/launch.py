@@ -253,11 +253,9 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         sys.exit("usage: python -m experiments.launch SWEEP_DIR RUN_NAME")
     from lm import distributed
-    from lm.host import retain_freed_memory
-    from lm.metrics import quiet_library_logs
+    from lm.host import setup_process
 
-    quiet_library_logs()
-    retain_freed_memory()
+    setup_process()
     distributed.initialize()
     status = run_one(argv[1], argv[2])
     print(f"{argv[2]}: {status}", flush=True)

@@ -18,7 +18,7 @@ import numpy as np
 from configs.train import get_config
 from lm import sharding
 from lm.config import ATTENTION
-from lm.host import retain_freed_memory
+from lm.host import setup_process
 from lm.metrics import device_peak_flops
 from lm.sizing import count_params, flops_per_token, flops_per_token_palm
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: all data)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    retain_freed_memory()
+    setup_process()
     base = get_config()
     for name in ("dtype", "remat", "attention"):
         if getattr(args, name):

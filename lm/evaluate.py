@@ -94,10 +94,10 @@ def main(argv: list[str]) -> None:
     flags.mark_flags_as_required(["workdir"])
 
     def run(_):
-        from lm.metrics import quiet_library_logs
+        from lm.host import setup_process
 
         f = flags.FLAGS
-        quiet_library_logs()
+        setup_process()
         try:
             r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split, f.text_dir)
         except (FileNotFoundError, ValueError) as e:

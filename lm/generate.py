@@ -126,9 +126,9 @@ def main(argv: list[str]) -> None:
     def run(_):
         from lm.checkpoint import load_run
         from lm.data import get_tokenizer
-        from lm.metrics import quiet_library_logs
+        from lm.host import setup_process
 
-        quiet_library_logs()
+        setup_process()
         f = flags.FLAGS
         try:
             config, graphdef, params, step = load_run(f.workdir, f.step)

@@ -1,10 +1,34 @@
-"""Host-process settings that the CPU training step's speed depends on."""
+"""Process setup shared by every entry point: quiet library logs, and the host-memory setting
+that the CPU training step's speed depends on."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+
+
+def setup_process() -> None:
+    """What every command-line entry point does first (train, sweep, sweep worker, bench,
+    evaluate, generate)."""
+    quiet_library_logs()
+    retain_freed_memory()
+
+
+def quiet_library_logs() -> None:
+    """Keep the console to our own progress lines: library INFO chatter (Orbax saves, backend
+    probing) goes, warnings and errors stay."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax", "orbax", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Orbax warns on every read-only open, which is how evaluate/generate/fine-tune read runs.
+    logging.getLogger("absl").addFilter(lambda record: not any(
+        s in record.getMessage() for s in ("Given directory is read only", "read_only=True")))
+
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8

@@ -93,18 +93,3 @@ class MetricsWriter:
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def quiet_library_logs() -> None:
-    """Keep the console to our own progress lines: library INFO chatter (Orbax saves, backend
-    probing) goes, warnings and errors stay."""
-    import logging
-
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    for name in ("jax", "orbax", "absl"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # Orbax warns on every read-only open, which is how evaluate/generate/fine-tune read runs.
-    logging.getLogger("absl").addFilter(lambda record: not any(
-        s in record.getMessage() for s in ("Given directory is read only", "read_only=True")))

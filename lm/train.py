@@ -32,12 +32,11 @@ from lm.checkpoint import Checkpointer, abstract_with_shardings
 from lm.config import ConfigError, validate
 from lm.evaluate import make_eval_step
 from lm.files import write_bytes_atomic, write_json_atomic
-from lm.host import retain_freed_memory
+from lm.host import setup_process
 from lm.metrics import (
     MetricsWriter,
     device_peak_flops,
     format_duration,
-    quiet_library_logs,
 )
 from lm.sizing import count_params, flops_per_token, flops_per_token_6n
 
@@ -414,8 +413,7 @@ def main(argv: list[str]) -> None:
 
     def run(_):
         f = flags.FLAGS
-        quiet_library_logs()
-        retain_freed_memory()
+        setup_process()
         distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
         try:
             result = train(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)

@@ -36,6 +36,7 @@ def test_approach3_recovers_known_laws(law):
         assert fit[k] == pytest.approx(law[k], rel=1e-3), k
     for k in ("A", "B"):
         assert fit[k] == pytest.approx(law[k], rel=2e-2), k
+    assert fit["warnings"] == []
 
 
 def test_approach3_with_noise_and_bootstrap_interval_covers_truth():
@@ -96,6 +97,20 @@ def test_approach2_recovers_exponents(a_true):
     assert fit["b"] == pytest.approx(1 - a_true, abs=1e-6)
     assert not any(b["edge"] for b in fit["budgets"])
     assert fit["a_ci"][0] <= a_true <= fit["a_ci"][1]
+
+
+def test_approach2_gives_no_interval_when_resamples_cannot_vary():
+    """Three sizes per budget: a resample keeps all three in both budgets ~5 % of the time, and
+    those resamples are the data itself, so a percentile interval would be a false certainty."""
+    table = isoflop_table(0.5, budgets=(1e19, 1e20))
+    table = table.groupby("budget").nth([0, 3, 6])
+    with pytest.warns(UserWarning, match="no bootstrap interval"):
+        fit = fit_approach2(analysis.from_table(table), bootstrap=100)
+    assert fit["a"] == pytest.approx(0.5, abs=1e-6)
+    assert "a_ci" not in fit and fit["bootstrap_kept"] < 50 and "too few sizes" in fit["ci_skipped"]
+    five = fit_approach2(analysis.from_table(isoflop_table(0.5).groupby("budget").nth([0, 2, 3, 4, 6])),
+                         bootstrap=100)
+    assert five["bootstrap_kept"] >= 50 and five["a_ci"][0] <= 0.5 <= five["a_ci"][1]
 
 
 def test_approach2_groups_a_bare_table_by_flops_and_flags_edge_minima():
@@ -209,6 +224,19 @@ def test_too_few_points_and_a_single_budget_are_reported_skips(tmp_path):
     assert "two budgets" in fits["approach2"]["skipped"]
     assert math.isfinite(fits["approach2"]["budgets"][0]["N_opt"])
     assert "Skipped" in (tmp_path / "report.md").read_text()
+
+
+def test_approach3_flags_exponents_the_points_do_not_determine():
+    fit = {**CHINCHILLA, "alpha": 29.3, "points": 6}
+    (warning,) = approach3.diagnose(fit)
+    assert "alpha = 29.3" in warning and "6 points" in warning
+    assert approach3.diagnose({**CHINCHILLA, "points": 6}) == []
+    report = analysis.report.render(
+        {"n": "total", "approach3": {**fit, "a": 0.1, "b": 0.9, "huber_delta": 1e-3, "objective": 1e-4,
+                                     "starts": 4500, "seconds": 0.1, "warnings": [warning],
+                                     "predictions": [approach3.prediction(fit, 1e20)]}},
+        pd.DataFrame({"point": ["final"], "included": [True]}), "t.csv", [])
+    assert "**Unreliable:** alpha = 29.3" in report and "(approach 3, unreliable: see above)" in report
 
 
 def test_degenerate_approach3_solutions_never_win():

@@ -98,7 +98,11 @@ def test_micro_sweep_end_to_end(reference_sweep):
     results = [json.loads(p.read_text()) for p in sweep_dir.glob("runs/*/result.json")]
     assert len(results) == 6 and all(r["status"] == "completed" for r in results)
     fits = json.loads((sweep_dir / "fits.json").read_text())
-    assert "approach2" in fits and "approach3" in fits
+    assert fits["approach2"]["budgets_used"] == list(c.budgets) and "alpha" in fits["approach3"]
+    # 3 sizes per budget cannot support a bootstrap interval: said, not printed as [nan, nan]
+    assert "ci_skipped" in fits["approach2"] and "no bootstrap interval" in out and "nan" not in out
+    for warning in fits["approach3"]["warnings"]:  # 6 points rarely pin down 5 parameters
+        assert f"unreliable: {warning}" in out
     assert (sweep_dir / "report.md").exists()
     assert "sweep: 6/6 done" in out and "report:" in out and "next budget" in out
     plan_file = json.loads((sweep_dir / "plan.json").read_text())

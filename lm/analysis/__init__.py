@@ -72,6 +72,8 @@ def run(path: str | Path, out: str | Path | None = None, n: str = "total", boots
     a3 = _safe(fit_approach3, df, bootstrap=bootstrap, seed=seed, budgets=budgets,
                progress=progress)
     a3.pop("samples", None)
+    for w in a3.get("warnings", []):
+        print(f"warning: approach 3: {w}", flush=True)
     a1 = _safe(fit_approach1, df)
     fits = {"source": str(path), "n": n, "approach1": a1, "approach2": a2, "approach3": a3}
     figures = []

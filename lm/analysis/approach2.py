@@ -16,6 +16,9 @@ from lm.analysis.bootstrap import percentile_ci
 from lm.analysis.load import fit_points
 
 MIN_POINTS = 3  # a parabola needs three distinct sizes
+# Bootstrap intervals need at least this fraction of resamples to give power laws: resampling
+# with replacement loses sizes, and with few per budget only near-copies of the data survive.
+MIN_KEPT = 0.5
 
 
 def group_budgets(pts: pd.DataFrame, tolerance: float = 0.05) -> np.ndarray:
@@ -119,8 +122,16 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
         samples = _bootstrap(groups, bootstrap, seed)
+        kept = int(np.isfinite(samples["a"]).sum())
+        fit.update(bootstrap=bootstrap, seed=seed, bootstrap_kept=kept)
+        if kept < MIN_KEPT * bootstrap:
+            fit["ci_skipped"] = (f"only {kept} of {bootstrap} resamples kept {MIN_POINTS} distinct sizes in "
+                                 "two budgets; an interval from them would describe that subset (too few "
+                                 "sizes per budget for a bootstrap)")
+            warnings.warn(f"approach 2: no bootstrap interval: {fit['ci_skipped']}", stacklevel=2)
+            return fit
         ci = percentile_ci(samples)
-        fit.update({"a_ci": ci["a"], "b_ci": ci["b"], "ci": ci, "bootstrap": bootstrap, "seed": seed})
+        fit.update({"a_ci": ci["a"], "b_ci": ci["b"], "ci": ci})
         for p in fit["predictions"]:
             n_opt, d_opt = samples["k_N"] * p["C"] ** samples["a"], samples["k_D"] * p["C"] ** samples["b"]
             p.update({f"{k}_ci": v for k, v in percentile_ci({"N_opt": n_opt, "D_opt": d_opt}).items()})

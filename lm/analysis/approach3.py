@@ -218,7 +218,8 @@ def closed_form_optimum(fit: dict, C: np.ndarray | float) -> tuple[np.ndarray, n
 def law(fit: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray:
     """L(N, D) = E + A/N^α + B/D^β."""
     N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
-    return fit["E"] + fit["A"] / N ** fit["alpha"] + fit["B"] / D ** fit["beta"]
+    with np.errstate(over="ignore"):  # a degenerate fit's steep term overflows to inf: no warning spam
+        return fit["E"] + fit["A"] / N ** fit["alpha"] + fit["B"] / D ** fit["beta"]
 
 
 def _data(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,6 +263,7 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
     fit = {k: float(v) for k, v in unpack(theta[order[0]]).items()}
     fit.update(objective=float(value[order[0]]), seconds=seconds, starts=n_starts, points=len(log_n),
                huber_delta=delta)
+    fit["warnings"] = diagnose(fit)
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
         weights = resample_weights(len(log_n), bootstrap, seed)
@@ -273,6 +275,20 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
             ci = percentile_ci({"N_opt": n_opt, "D_opt": d_opt, "loss": law(samples, n_opt, d_opt)})
             p.update({f"{k}_ci": v for k, v in ci.items()})
     return fit
+
+
+def diagnose(fit: dict) -> list[str]:
+    """Why a fit that is formally a scaling law should not be trusted (empty when nothing is wrong).
+
+    An exponent beyond the start grid (α or β > 2; language models give roughly 0.3–0.8) means
+    that term bends to fit a few points' noise or curvature instead of a trend the points
+    determine: its a, b and predictions are then artefacts of the sampling.
+    """
+    top = max(GRID["alpha"])
+    return [f"{name} = {fit[name]:.3g} is beyond the start grid's 0–{top:g} (language "
+            f"models give about 0.3–0.8): the {term} term is not determined by these "
+            f"{fit['points']} points, so a, b and the predictions are unreliable"
+            for name, term in (("alpha", "N"), ("beta", "D")) if fit[name] > top]
 
 
 def prediction(fit: dict, C: float) -> dict:

@@ -41,6 +41,8 @@ def render(fits: dict, df: pd.DataFrame, source: str, figures: list[str]) -> str
     if "a" in a2:
         lines += [f"N_opt = {a2['k_N']:.4g} · C^**{a2['a']:.3f}** (95 % {_ci(a2, 'a')}), "
                   f"D_opt = {a2['k_D']:.4g} · C^**{a2['b']:.3f}** (95 % {_ci(a2, 'b')})", ""]
+    if "ci_skipped" in a2:
+        lines += [f"No bootstrap interval: {a2['ci_skipped']}.", ""]
     if "skipped" in a2:
         lines += [f"Skipped: {a2['skipped']}.", ""]
     for s in a2.get("budgets_skipped", []):
@@ -52,6 +54,7 @@ def render(fits: dict, df: pd.DataFrame, source: str, figures: list[str]) -> str
         lines += [f"| {k} | {a3[k]:.4g} | {_ci(a3, k)} |" for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
         lines += ["", f"Huber (δ = {a3['huber_delta']:g}) objective {a3['objective']:.4g} over "
                   f"{a3['points']} points, best of {a3['starts']:,} L-BFGS starts in {a3['seconds']:.2f} s."]
+        lines += [f"\n**Unreliable:** {w}." for w in a3.get("warnings", [])]
     else:
         lines += [f"Skipped: {a3.get('skipped', 'not computed')}."]
     a1 = fits.get("approach1", {})
@@ -63,7 +66,9 @@ def render(fits: dict, df: pd.DataFrame, source: str, figures: list[str]) -> str
         lines += [f"Skipped: {a1.get('skipped', 'not computed')}."]
     for name, fit in (("approach 3", a3), ("approach 2", a2)):
         if fit.get("predictions"):
-            lines += ["", f"## Compute-optimal predictions ({name})", "", *_predictions(fit["predictions"])]
+            caveat = ", unreliable: see above" if fit.get("warnings") else ""
+            lines += ["", f"## Compute-optimal predictions ({name}{caveat})", "",
+                      *_predictions(fit["predictions"])]
     left = finals[~finals["included"].astype(bool)]
     lines += ["", "## Runs left out", ""]
     lines += [f"- `{r.run}`: {r.reason}" for r in left.itertuples()] or ["None."]
