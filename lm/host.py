@@ -32,6 +32,7 @@ def quiet_library_logs() -> None:
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_retaining = False  # set once retain_freed_memory() has changed this process's malloc
 
 
 def retain_freed_memory() -> bool:
@@ -41,14 +42,54 @@ def retain_freed_memory() -> bool:
     above 32 MiB (and threads' blocks) with mmap and unmaps them on free, so every step faults
     its whole working set back in, one 4 KiB page at a time: on the benchmark VM a memory-bound
     op ran at 4.4 GB/s instead of 27, and the train step took 10 % (d=512) to 35 % (d=128)
-    longer (see docs/benchmarks.md). One arena, no mmap and no trimming keep the pages mapped, at the price
-    of the process keeping its peak heap until it exits, as PyTorch's caching allocators do.
+    longer (see docs/benchmarks.md). One arena, no mmap and no trimming keep the pages mapped,
+    as PyTorch's caching allocators do. A heap that is never trimmed can fragment, though: the
+    step's temporaries (one 1.6 GB block at d=512) stop fitting the hole they left and the heap
+    grows by a whole step's worth (RSS 2.4 -> 7.1 GB over 10 steps once), so the training loop
+    bounds it with `RetainedMemoryBound`.
 
     Linux/glibc only (a no-op elsewhere); `LM_RETAIN_FREED_MEMORY=0` opts out. Returns whether
     the settings were applied.
     """
+    global _retaining
     if os.environ.get("LM_RETAIN_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    return all(libc.mallopt(param, value) == 1 for param, value in (
+    _retaining = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))  # -1: never trim
+    return _retaining
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class RetainedMemoryBound:
+    """Keep a retaining process's RSS within `factor` times its RSS at the first `check()`.
+
+    Call `check()` after each step (it reads /proc/self/statm). Past the bound, `malloc_trim`
+    hands every free page back to the OS; the next step faults its temporaries in once and the
+    heap holds them again. A no-op unless `retain_freed_memory()` applied its settings.
+    """
+
+    def __init__(self, factor: float = 2.0):
+        self.factor, self.baseline, self.trims = factor, None, 0
+
+    def check(self) -> bool:
+        """Trim if RSS has grown past the bound; returns whether it did."""
+        if not _retaining:
+            return False
+        rss = resident_bytes()
+        if self.baseline is None:
+            self.baseline = rss
+            return False
+        if rss <= self.factor * self.baseline:
+            return False
+        ctypes.CDLL(None).malloc_trim(0)
+        self.trims += 1
+        return True

@@ -32,7 +32,7 @@ from lm.checkpoint import Checkpointer, abstract_with_shardings
 from lm.config import ConfigError, validate
 from lm.evaluate import make_eval_step
 from lm.files import write_bytes_atomic, write_json_atomic
-from lm.host import setup_process
+from lm.host import RetainedMemoryBound, setup_process
 from lm.metrics import (
     MetricsWriter,
     device_peak_flops,
@@ -300,6 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
         return data_lib.to_global(local, trainer.batch_sharding)
 
     preemption = Preemption()
+    memory_bound = RetainedMemoryBound()
     status, diverged_step, eval_loss = "completed", None, float("nan")
     pending: list[tuple[int, dict]] = []
     train_seconds, trained_steps = meta["train_seconds"], meta["trained_steps"]
@@ -323,6 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
                 continue
             fetched = jax.device_get(pending)
             pending = []
+            memory_bound.check()  # here the steps so far have finished and freed their temporaries
             for s, m in fetched:
                 losses[s] = float(m["loss"])
             bad = [s for s, m in fetched if not np.isfinite(m["loss"])]

@@ -31,3 +31,28 @@ def test_retained_memory_is_not_faulted_in_again(retain):
     applied, faults = out.stdout.split()
     assert applied == str(retain)
     assert int(faults) < 16 if retain else int(faults) >= 32
+
+
+BOUND = """
+import numpy as np
+from lm.host import RetainedMemoryBound, resident_bytes, retain_freed_memory
+print(retain_freed_memory())
+bound = RetainedMemoryBound()
+bound.check()  # baseline
+steady = bound.check()
+big = np.ones(1 << 26, np.float32)  # 256 MiB from the heap
+keep = np.ones(1 << 10, np.float32)  # allocated after it: the freed block is a hole, not the top
+del big
+held = resident_bytes()  # freed but retained
+trimmed = bound.check()
+print(steady, trimmed, (held - resident_bytes()) >> 20, bound.trims)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
+def test_retained_memory_is_bounded():
+    """Freed memory stays resident until RSS passes twice the first check's; then it is
+    handed back (a fragmented heap cannot grow the process without bound)."""
+    applied, steady, trimmed, released_mib, trims = run_python(BOUND).stdout.split()
+    assert applied == "True" and steady == "False" and trimmed == "True" and trims == "1"
+    assert int(released_mib) >= 200
