@@ -1,5 +1,5 @@
-"""Process setup shared by every entry point: quiet library logs, and the host-memory setting
-that the CPU training step's speed depends on."""
+"""Process setup shared by every entry point (quiet library logs, glibc keeping freed memory
+for the CPU step) and the bound on that retained memory that the training loop applies."""
 
 from __future__ import annotations
 
