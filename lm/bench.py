@@ -2,11 +2,14 @@
 
 Times the compiled, sharded train step (the one `lm.train` runs) on random tokens after
 warm-up: median of N device-synchronised steps. Prints one `key=value` line per shape.
+`page_faults` (median per timed step) tells a clean CPU measurement (0) from one where the
+heap was still growing and the kernel was faulting memory in.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from typing import Any
@@ -17,7 +20,7 @@ import numpy as np
 
 from configs.train import get_config
 from lm import sharding
-from lm.config import ATTENTION
+from lm.config import ATTENTION, validate
 from lm.host import setup_process
 from lm.metrics import device_peak_flops
 from lm.sizing import count_params, flops_per_token, flops_per_token_palm
@@ -39,10 +42,9 @@ def shape_config(base: ml_collections.ConfigDict, shape: str) -> ml_collections.
     return c
 
 
-def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 2,
+def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 5,
               ) -> dict[str, Any]:
     """Median step time of the compiled train step for `config` on all local devices."""
-    from lm.config import validate
     from lm.train import Trainer
 
     validate(config)
@@ -54,13 +56,14 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 
         rng.integers(0, config.model.vocab_size,
                      (config.data.batch_size, config.data.seq_len + 1)).astype(np.int32),
         trainer.batch_sharding)
-    times = []
+    times, faults = [], []
     for i in range(warmup + steps):
-        t = time.perf_counter()
+        f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - t)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     m, seq = config.model, config.data.seq_len
     step_s = statistics.median(times)
     tokens = config.data.batch_size * seq
@@ -73,7 +76,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 
         "step_ms": 1e3 * step_s, "flops_per_token": fpt, "flops_per_token_palm": fpt_palm,
         "achieved_flops": tokens * fpt / step_s, "peak_flops": peak,
         "mfu": tokens * fpt / step_s / peak, "mfu_palm": tokens * fpt_palm / step_s / peak,
-        "compile_s": trainer.compile_seconds,
+        "compile_s": trainer.compile_seconds, "page_faults": int(statistics.median(faults)),
     }
 
 
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", action="append", help="d,L,H,T,B (repeatable)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first (on CPU the heap grows over the first few)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     parser.add_argument("--remat", choices=("none", "full", "dots"), default=None)
     parser.add_argument("--attention", choices=ATTENTION, default=None)
@@ -104,9 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     base.model.unroll_layers = args.unroll_layers
     if args.mesh:
         base.mesh.shape = tuple(int(x) for x in args.mesh.split(","))
+    try:  # every shape checked before the first compilation
+        configs = [shape_config(base, shape) for shape in args.shape or DEFAULT_SHAPES]
+        for c in configs:
+            validate(c)
+    except ValueError as e:
+        parser.error(str(e))
     results = []
-    for shape in args.shape or DEFAULT_SHAPES:
-        r = benchmark(shape_config(base, shape), args.steps, args.warmup)
+    for config in configs:
+        r = benchmark(config, args.steps, args.warmup)
         print(format_line(r), flush=True)
         results.append(r)
     if args.json:
