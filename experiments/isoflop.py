@@ -78,17 +78,16 @@ def measured_seconds_per_flop(runs: list[Run]) -> float:
     return 1.0 / benchmark(r.config, steps=5, warmup=1)["achieved_flops"]
 
 
-def _interval(lo_hi: list | None) -> str:
-    return f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi and None not in lo_hi else "[—]"
-
-
 def headline(fits: dict, budgets: list[float]) -> str:
     """The lines a researcher reads first."""
+    from lm import analysis
+    from lm.analysis.report import interval
+
     lines = []
     a2 = fits.get("approach2") or {}
     if "a" in a2:
-        lines.append(f"Approach 2: N_opt ∝ C^{a2['a']:.3f} {_interval(a2.get('a_ci'))}, "
-                     f"D_opt ∝ C^{a2['b']:.3f} {_interval(a2.get('b_ci'))}")
+        lines.append(f"Approach 2: N_opt ∝ C^{a2['a']:.3f} {interval(a2.get('a_ci'), '.3f')}, "
+                     f"D_opt ∝ C^{a2['b']:.3f} {interval(a2.get('b_ci'), '.3f')}")
         if "ci_skipped" in a2:
             lines.append("  no bootstrap interval: too few sizes per budget")
         edges = [sci(b["C"]) for b in a2.get("budgets", []) if b.get("edge")]
@@ -101,10 +100,9 @@ def headline(fits: dict, budgets: list[float]) -> str:
         if a3.get("warnings"):
             lines += [f"  unreliable: {w}" for w in a3["warnings"]]
     next_budget = max(budgets) * 10
-    from lm import analysis
-
     usable = [n for n in ("approach3", "approach2") if "a" in (fits.get(n) or {})]
-    for name in sorted(usable, key=lambda n: bool(fits[n].get("warnings")))[:1]:  # trusted first
+    trusted = [n for n in usable if not fits[n].get("warnings")]
+    for name in (trusted or usable)[:1]:
         n_opt, d_opt = analysis.optimal_allocation(fits[name], next_budget)
         lines.append(f"next budget {sci(next_budget)} FLOPs ({name}): N_opt ≈ {n_opt:.3g}, "
                      f"D_opt ≈ {d_opt:.3g} ({d_opt / n_opt:.1f} tokens/param)")

@@ -72,7 +72,8 @@ def resident_bytes() -> int:
 class RetainedMemoryBound:
     """Keep a retaining process's RSS within `factor` times its RSS at the first `check()`.
 
-    Call `check()` after each step (it reads /proc/self/statm). Past the bound, `malloc_trim`
+    Call `check()` where the steps so far have finished (the training loop: each log, eval or
+    save point; it reads /proc/self/statm). Past the bound, `malloc_trim`
     hands every free page back to the OS; the next step faults its temporaries in once and the
     heap holds them again. A no-op unless `retain_freed_memory()` applied its settings.
     """

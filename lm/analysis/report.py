@@ -6,11 +6,12 @@ import pandas as pd
 
 
 def _ci(fit: dict, key: str) -> str:
-    return _interval((fit.get("ci") or {}).get(key))
+    return interval((fit.get("ci") or {}).get(key))
 
 
-def _interval(lo_hi: list | None) -> str:
-    return f"[{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]" if lo_hi and None not in lo_hi else "—"
+def interval(lo_hi: list | None, fmt: str = ".3g") -> str:
+    """`[lo, hi]`, or `—` when there is no interval (skipped, or a failed bootstrap)."""
+    return f"[{lo_hi[0]:{fmt}}, {lo_hi[1]:{fmt}}]" if lo_hi and None not in lo_hi else "—"
 
 
 def _predictions(preds: list[dict]) -> list[str]:
@@ -19,7 +20,7 @@ def _predictions(preds: list[dict]) -> list[str]:
     for p in preds:
         loss = f"{p['loss']:.3f}" if "loss" in p else "—"
         lines.append(f"| {p['C']:.0e} | {p['N_opt']:.3g} | {p['D_opt']:.3g} | {p['tokens_per_param']:.1f} | "
-                     f"{loss} | {_interval(p.get('N_opt_ci'))} | {_interval(p.get('D_opt_ci'))} |")
+                     f"{loss} | {interval(p.get('N_opt_ci'))} | {interval(p.get('D_opt_ci'))} |")
     return lines
 
 
