@@ -283,7 +283,10 @@ def _dense_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _dense_cpu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
-    return g @ w.T, jax.lax.optimization_barrier(x.T) @ g
+    barrier = jax.lax.optimization_barrier
+    if x.shape[1] > g.shape[1]:  # transpose the narrower of x and g, then the small product
+        return g @ w.T, barrier(barrier(g.T) @ x).T
+    return g @ w.T, barrier(x.T) @ g
 
 
 _dense_cpu.defvjp(lambda x, w: (_dense_cpu(x, w), (x, w)), _dense_cpu_bwd)
@@ -293,7 +296,8 @@ def qkv_proj(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array):
     """Normed input -> rotated q, k and v [batch, length, heads, head_dim]."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     qkv = dense(h, p["wqkv"].astype(x.dtype))  # [batch, length, 3, heads, head_dim]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # split, not indexing: its gradient is one concatenate (indexing's is three padded adds)
+    q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))
     return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
 
