@@ -288,8 +288,10 @@ def _dense_cpu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.
     x, w = res
     barrier = jax.lax.optimization_barrier
     if x.shape[1] > g.shape[1]:  # transpose the narrower of x and g, then the small product
-        return g @ w.T, barrier(barrier(g.T) @ x).T
-    return g @ w.T, barrier(x.T) @ g
+        dw = barrier(barrier(g.T) @ x).T
+    else:
+        dw = barrier(x.T) @ g
+    return g @ w.T, dw
 
 
 _dense_cpu.defvjp(lambda x, w: (_dense_cpu(x, w), (x, w)), _dense_cpu_bwd)
