@@ -23,7 +23,9 @@ def model_config() -> ml_collections.ConfigDict:
     m.init_std = 0.02
     m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
     m.remat = "none"  # "none", "full" (recompute each block) or "dots" (save matmul outputs)
-    m.attention = "auto"  # "auto" (CPU: "blockwise"; GPU: JAX picks cuDNN), "blockwise", "xla", "cudnn"
+    # "auto" (CPU: the C++ "kernel" for float32, else "blockwise"; GPU: JAX picks cuDNN),
+    # "kernel", "blockwise", "xla", "cudnn"
+    m.attention = "auto"
     # Layers run in a lax.scan (compile time flat in depth); unrolling compiles each layer
     # separately and, since the CPU attention/GELU changes, is no faster (docs/benchmarks.md).
     m.unroll_layers = False

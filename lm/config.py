@@ -11,7 +11,7 @@ import ml_collections
 ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-ATTENTION = ("auto", "blockwise", "xla", "cudnn")
+ATTENTION = ("auto", "kernel", "blockwise", "xla", "cudnn")
 SCHEDULES = ("cosine", "wsd", "constant")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
 LR_RULES = ("constant", "inverse_width")
@@ -55,6 +55,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     _choice(m, "model", "dtype", DTYPES)
     _choice(m, "model", "remat", REMAT)
     _choice(m, "model", "attention", ATTENTION)
+    if m.attention == "kernel" and m.dtype != "float32":
+        fail("model.attention", m.attention, "the CPU kernel is float32 only: use model.dtype="
+             "'float32' or model.attention='auto' or 'blockwise'")
     if not isinstance(m.unroll_layers, bool):
         fail("model.unroll_layers", m.unroll_layers, "must be True or False")
     for name in ("rope_theta", "norm_eps", "init_std"):

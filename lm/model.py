@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from lm import attention_cpu
 from lm.config import head_dim
 from lm.sharding import constrain
 
@@ -149,12 +150,16 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 def causal_attention(cfg, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal self-attention of q, k, v [batch, length, heads, head_dim].
 
-    'auto' is the blockwise kernel below on CPU and lets JAX choose elsewhere (cuDNN flash
-    attention on GPUs when it applies); 'blockwise', 'xla' and 'cudnn' force one.
+    'auto' is, on CPU, the C++ flash-attention kernel (`lm.attention_cpu`) for float32 when
+    it could be built, else the blockwise attention below; elsewhere it lets JAX choose
+    (cuDNN flash attention on GPUs when it applies). 'kernel', 'blockwise', 'xla' and
+    'cudnn' force one.
     """
     impl = cfg.attention
     if impl == "auto" and jax.default_backend() == "cpu":
-        impl = "blockwise"
+        impl = "kernel" if attention_cpu.supports(q) and attention_cpu.available() else "blockwise"
+    if impl == "kernel":
+        return attention_cpu.causal_attention(q, k, v)
     if impl == "blockwise":
         return blockwise_causal_attention(q, k, v, ATTENTION_BLOCK)
     return jax.nn.dot_product_attention(

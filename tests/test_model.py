@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm import attention_cpu
 from lm import model as model_lib
 from lm.sizing import count_params
 
@@ -74,28 +75,66 @@ def test_cross_entropy_and_z_loss():
     np.testing.assert_allclose(total2, ce + 0.5, rtol=1e-6)
 
 
+def _reference_attention(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def _assert_attention_matches_reference(fn, q, k, v):
+    """Values and the gradients of a non-linear loss equal the reference causal attention
+    (to float32 rounding: 1e-5 absolute and relative)."""
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v)))
+
+    np.testing.assert_allclose(fn(q, k, v), _reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    for got, want in zip(jax.grad(loss, argnums=(1, 2, 3))(fn, q, k, v),
+                         jax.grad(loss, argnums=(1, 2, 3))(_reference_attention, q, k, v),
+                         strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("length,block", [(40, 16), (100, 64), (8, 64)])
 def test_blockwise_attention_matches_full_attention(length, block):
     """Values and gradients equal the reference causal attention, also for a ragged last block."""
     q, k, v = jax.random.normal(jax.random.key(length), (3, 2, length, 3, 8))
-
-    def loss(fn, q, k, v):
-        return jnp.sum(jnp.sin(fn(q, k, v)))
-
-    full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
-                                                         implementation="xla")
-    blocks = lambda q, k, v: model_lib.blockwise_causal_attention(q, k, v, block)  # noqa: E731
-    np.testing.assert_allclose(blocks(q, k, v), full(q, k, v), atol=1e-5)
-    for g_blocks, g_full in zip(jax.grad(loss, argnums=(1, 2, 3))(blocks, q, k, v),
-                                jax.grad(loss, argnums=(1, 2, 3))(full, q, k, v), strict=True):
-        np.testing.assert_allclose(g_blocks, g_full, atol=1e-5)
+    _assert_attention_matches_reference(
+        lambda q, k, v: model_lib.blockwise_causal_attention(q, k, v, block), q, k, v)
 
 
-def test_model_attention_implementations_agree(tiny_model):
+@pytest.mark.parametrize("batch,length,heads,dim", [
+    (2, 40, 3, 8),     # one ragged block, head_dim narrower than a vector
+    (1, 130, 2, 20),   # three blocks, the last ragged; head_dim padded to the vector width
+    (2, 192, 2, 64),   # whole blocks, wide heads
+    (3, 1, 1, 4),      # a single position
+])
+def test_cpu_kernel_attention_matches_full_attention(batch, length, heads, dim):
+    assert attention_cpu.available(), "the C++ kernel did not build (see the warning)"
+    q, k, v = 2 * jax.random.normal(jax.random.key(length), (3, batch, length, heads, dim))
+    _assert_attention_matches_reference(attention_cpu.causal_attention, q, k, v)
+
+
+def test_cpu_kernel_build_failure_names_the_command(tmp_path, monkeypatch):
+    """Without a working compiler the build raises with the command; 'auto' then falls back."""
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(RuntimeError, match=r"false .*attention_cpu\.cc.* failed"):
+        attention_cpu.build(tmp_path)
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="no-such-compiler"):
+        attention_cpu.build(tmp_path)
+
+
+def test_cpu_kernel_rejects_what_it_cannot_run():
+    q = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"float32 .* got bfloat16\[1, 8, 2, 4\]"):
+        attention_cpu.causal_attention(q, q, q)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "kernel"])
+def test_model_attention_implementations_agree(tiny_model, impl):
     tokens = jnp.arange(2 * 70).reshape(2, 70) % tiny_model.vocab_size  # 70 = 64 + a ragged block
     tiny_model.attention = "xla"
     ref = _forward(tiny_model, tokens)
-    tiny_model.attention = "blockwise"
+    tiny_model.attention = impl
     np.testing.assert_allclose(_forward(tiny_model, tokens), ref, atol=1e-5)
 
 

@@ -1,0 +1,142 @@
+"""Causal flash attention on CPU as an XLA FFI custom call (C++ in `attention_cpu.cc`).
+
+XLA:CPU runs the attention's batched small products single-threaded (40-60 GFLOP/s on a
+core that does ~100 on 2-D products) and each softmax step as its own pass over memory.
+The kernel parallelises over (batch, head) pairs on XLA's intra-op thread pool and keeps
+each 64-row block's scores and softmax in cache (docs/benchmarks.md has the figures).
+
+It is compiled once per host and source version with the system C++ compiler (`$CXX`, else
+`c++`, `-O3 -march=native`) into the cache directory, then registered with XLA. Where no
+compiler works, `available()` is False (with a warning saying why) and `attention="auto"`
+falls back to the blockwise XLA attention in `lm.model`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shlex
+import subprocess
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from lm.files import temporary_path
+from lm.metrics import cache_dir
+from lm.sharding import logical_to_spec
+
+SOURCE = Path(__file__).with_name("attention_cpu.cc")
+_TARGETS = {"lm_attention_forward": "LmAttentionForward",
+            "lm_attention_backward": "LmAttentionBackward"}
+
+
+def _host_cpu() -> str:
+    """The CPU's model and features: a library built with -march=native is only for these."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile_command(out: Path) -> list[str]:
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    return [*compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+            f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+
+
+def build(directory: Path) -> Path:
+    """The kernel library for this host in `directory`, compiled there unless already built.
+
+    Raises RuntimeError with the compiler's command and message when compilation fails.
+    """
+    key = hashlib.sha256(b"\0".join([
+        SOURCE.read_bytes(), jax.__version__.encode(), _host_cpu().encode(),
+        " ".join(_compile_command(Path("out"))).encode()])).hexdigest()[:16]
+    path = Path(directory) / f"attention_cpu-{key}.so"
+    if path.exists():
+        return path
+    tmp = temporary_path(path, ".so")
+    command = _compile_command(tmp)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except OSError as e:
+        raise RuntimeError(f"{shlex.join(command)}: {e}") from None
+    try:
+        if result.returncode:
+            raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # atomic: concurrent builders (test workers, ranks) all succeed
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Build (or find in the cache), load and register the kernel; None with a warning."""
+    try:
+        path = build(cache_dir() / "kernels")
+    except RuntimeError as e:
+        warnings.warn(f"CPU attention kernel not built, using the XLA blockwise attention: {e}",
+                      stacklevel=3)
+        return None
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (it builds on the first call)."""
+    return _library() is not None
+
+
+def supports(q: jax.Array) -> bool:
+    """The kernel takes float32 [batch, length, heads, head_dim] arrays on CPU."""
+    return jax.default_backend() == "cpu" and q.ndim == 4 and q.dtype == jnp.float32
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Exact causal softmax attention of q, k, v [batch, length, heads, head_dim], float32.
+
+    Under a mesh each device runs the kernel on its own batch and head shard (shard_map);
+    attention never mixes batch rows or heads, so no communication is needed.
+    """
+    if not supports(q):
+        raise ValueError(f"model.attention='kernel' takes float32 [batch, length, heads, head_dim] "
+                         f"arrays on CPU; got {q.dtype}{list(q.shape)} on {jax.default_backend()}")
+    if not available():
+        raise RuntimeError("the CPU attention kernel could not be built (see the warning above); "
+                           "use model.attention='blockwise'")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return _attention(q, k, v)
+    spec = logical_to_spec(("batch", "length", "heads", "kv"), q.shape, mesh)
+    # check_vma off: the custom call's outputs are per shard, exactly as out_specs says
+    return jax.shard_map(_attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+
+def _forward(q, k, v):
+    b, t, h, _ = q.shape
+    o, lse = jax.ffi.ffi_call("lm_attention_forward", (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct((b, h, t), jnp.float32)))(q, k, v)
+    return o, (q, k, v, o, lse)
+
+
+def _backward(res, g):
+    q = res[0]
+    shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return tuple(jax.ffi.ffi_call("lm_attention_backward", (shape,) * 3)(*res, g))
+
+
+_attention = jax.custom_vjp(lambda q, k, v: _forward(q, k, v)[0])
+_attention.defvjp(_forward, _backward)
