@@ -137,13 +137,18 @@ struct Dims {
 // x[b, :, h, :] * scale into rows [Tp x Dp] (transposed: [Dp x Tp]), zero padded.
 void pack(const float* x, const Dims& d, int64_t b, int64_t h, float scale, bool transposed,
           float* out) {
-  std::fill(out, out + d.Tp * d.Dp, 0.f);
+  if (d.Tp != d.T || d.Dp != d.D) std::fill(out, out + d.Tp * d.Dp, 0.f);
   for (int64_t t = 0; t < d.T; ++t) {
     const float* row = x + d.at(b, t, h);
-    for (int64_t c = 0; c < d.D; ++c)
-      (transposed ? out[c * d.Tp + t] : out[t * d.Dp + c]) = scale * row[c];
+    if (transposed)
+      for (int64_t c = 0; c < d.D; ++c) out[c * d.Tp + t] = scale * row[c];
+    else
+      for (int64_t c = 0; c < d.D; ++c) out[t * d.Dp + c] = scale * row[c];
   }
 }
+
+// Uninitialised scratch: every buffer is packed, zeroed or fully written before it is read.
+std::unique_ptr<float[]> scratch(int64_t n) { return std::unique_ptr<float[]>(new float[n]); }
 
 // Runs f(0..n-1) on the caller and the pool's other threads; items are claimed from a
 // shared counter, so a busy pool thread only means the caller does more of them.
@@ -170,42 +175,44 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
 
 void forward_item(const Dims& d, const float* q, const float* k, const float* v, float* o,
                   float* lse, int64_t item) {
+  // Key-major blocks [key, query], so that each query's softmax statistics are one lane of
+  // a vector and every reduction runs down the rows (no horizontal sums, no scalar exp).
   const int64_t b = item / d.H, h = item % d.H, Tp = d.Tp, Dp = d.Dp;
-  std::vector<float> buf(3 * Tp * Dp + BLK * Dp + BLK * BLK);
-  float *qs = buf.data(), *kt = qs + Tp * Dp, *vp = kt + Tp * Dp, *acc = vp + Tp * Dp,
-        *s = acc + BLK * Dp;
-  pack(q, d, b, h, 1.f / std::sqrt(float(d.D)), false, qs);
-  pack(k, d, b, h, 1.f, true, kt);
+  auto buf = scratch(3 * Tp * Dp + BLK * Dp + BLK * BLK);
+  float *qt = buf.get(), *kp = qt + Tp * Dp, *vp = kp + Tp * Dp, *acc = vp + Tp * Dp,
+        *st = acc + BLK * Dp;
+  pack(q, d, b, h, 1.f / std::sqrt(float(d.D)), true, qt);
+  pack(k, d, b, h, 1.f, false, kp);
   pack(v, d, b, h, 1.f, false, vp);
-  float m[BLK], l[BLK];
+  const vec inf = splat(std::numeric_limits<float>::infinity()), lanes = lane_index();
+  alignas(64) float m[BLK], l[BLK], alpha[BLK];
   for (int64_t qb = 0; qb < Tp; qb += BLK) {
     std::fill(acc, acc + BLK * Dp, 0.f);
     std::fill(m, m + BLK, -std::numeric_limits<float>::infinity());
     std::fill(l, l + BLK, 0.f);
     for (int64_t kb = 0; kb <= qb; kb += BLK) {
-      matmul<false>(BLK, BLK, Dp, qs + qb * Dp, Dp, kt + kb, Tp, s, BLK);
-      const vec inf = splat(std::numeric_limits<float>::infinity()), lanes = lane_index();
-      for (int r = 0; r < BLK; ++r) {  // online softmax of row r: key kb + c, query qb + r
-        float* row = s + r * BLK;
-        if (kb == qb)  // the diagonal block: keys after the query are -inf
-          for (int c = 0; c < BLK; c += W)
-            store(row + c, lanes + float(c) > float(r) ? -inf : load(row + c));
-        vec mv = splat(m[r]);
-        for (int c = 0; c < BLK; c += W) mv = mv > load(row + c) ? mv : load(row + c);
-        const float mx = hmax(mv), alpha = std::exp(m[r] - mx);  // 0 when m[r] = -inf
+      matmul<false>(BLK, BLK, Dp, kp + kb * Dp, Dp, qt + qb, Tp, st, BLK);
+      for (int c = 0; c < BLK; c += W) {  // queries qb + c .. qb + c + W - 1
+        if (kb == qb)  // the diagonal block: key r is after query c + i when r > c + i
+          for (int r = c + 1; r < BLK; ++r)
+            store(st + r * BLK + c, splat(float(r)) > lanes + float(c) ? -inf : load(st + r * BLK + c));
+        vec mx = load(m + c);
+        for (int r = 0; r < BLK; ++r) mx = mx > load(st + r * BLK + c) ? mx : load(st + r * BLK + c);
         vec sum{};
-        for (int c = 0; c < BLK; c += W) {
-          vec x = load(row + c), p = vexp(x - splat(mx));
+        for (int r = 0; r < BLK; ++r) {
+          vec x = load(st + r * BLK + c), p = vexp(x - mx);
           p = x == -inf ? vec{} : p;  // exact zeros for masked keys
-          store(row + c, p);
+          store(st + r * BLK + c, p);
           sum += p;
         }
-        l[r] = l[r] * alpha + hsum(sum);
-        m[r] = mx;
-        if (alpha != 1.f)
-          for (int64_t c = 0; c < Dp; c += W) store(acc + r * Dp + c, load(acc + r * Dp + c) * alpha);
+        vec a = vexp(load(m + c) - mx);  // ~0 on the first block (m = -inf, l = 0)
+        store(alpha + c, a);
+        store(l + c, load(l + c) * a + sum);
+        store(m + c, mx);
       }
-      matmul<true>(BLK, Dp, BLK, s, BLK, vp + kb * Dp, Dp, acc + 0, Dp);
+      for (int r = 0; r < BLK; ++r)
+        for (int64_t c = 0; c < Dp; c += W) store(acc + r * Dp + c, load(acc + r * Dp + c) * alpha[r]);
+      matmul<true, true>(BLK, Dp, BLK, st, BLK, vp + kb * Dp, Dp, acc, Dp);
     }
     for (int r = 0; r < BLK && qb + r < d.T; ++r) {
       float* out = o + d.at(b, qb + r, h);
@@ -220,8 +227,8 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
                    float* dv, int64_t item) {
   const int64_t b = item / d.H, h = item % d.H, Tp = d.Tp, Dp = d.Dp;
   const float scale = 1.f / std::sqrt(float(d.D));
-  std::vector<float> buf(7 * Tp * Dp + 2 * BLK * Dp + 4 * BLK * BLK + 2 * Tp);
-  float *qp = buf.data(), *qt = qp + Tp * Dp, *kp = qt + Tp * Dp, *vp = kp + Tp * Dp,
+  auto buf = scratch(7 * Tp * Dp + 2 * BLK * Dp + 4 * BLK * BLK + 2 * Tp);
+  float *qp = buf.get(), *qt = qp + Tp * Dp, *kp = qt + Tp * Dp, *vp = kp + Tp * Dp,
         *gp = vp + Tp * Dp, *gt = gp + Tp * Dp, *dqa = gt + Tp * Dp, *dka = dqa + Tp * Dp,
         *dva = dka + BLK * Dp, *st = dva + BLK * Dp, *pt = st + BLK * BLK,
         *dpt = pt + BLK * BLK, *dst = dpt + BLK * BLK, *lse_p = dst + BLK * BLK,
