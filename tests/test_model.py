@@ -81,15 +81,15 @@ def _reference_attention(q, k, v):
 
 def _assert_attention_matches_reference(fn, q, k, v):
     """Values and the gradients of a non-linear loss equal the reference causal attention
-    (to float32 rounding: 1e-5 absolute and relative)."""
+    (to float32 rounding: 2e-5 absolute, 1e-5 relative)."""
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)))
 
-    np.testing.assert_allclose(fn(q, k, v), _reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(fn(q, k, v), _reference_attention(q, k, v), atol=2e-5, rtol=1e-5)
     for got, want in zip(jax.grad(loss, argnums=(1, 2, 3))(fn, q, k, v),
                          jax.grad(loss, argnums=(1, 2, 3))(_reference_attention, q, k, v),
                          strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("length,block", [(40, 16), (100, 64), (8, 64)])
