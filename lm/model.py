@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lm import attention_cpu
+from lm import cpu_kernels
 from lm.config import head_dim
 from lm.sharding import constrain
 
@@ -150,16 +150,17 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 def causal_attention(cfg, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal self-attention of q, k, v [batch, length, heads, head_dim].
 
-    'auto' is, on CPU, the C++ flash-attention kernel (`lm.attention_cpu`) for float32 when
+    'auto' is, on CPU, the C++ flash-attention kernel (`lm.cpu_kernels`) for float32 when
     it could be built, else the blockwise attention below; elsewhere it lets JAX choose
     (cuDNN flash attention on GPUs when it applies). 'kernel', 'blockwise', 'xla' and
     'cudnn' force one.
     """
     impl = cfg.attention
     if impl == "auto" and jax.default_backend() == "cpu":
-        impl = "kernel" if attention_cpu.supports(q) and attention_cpu.available() else "blockwise"
+        impl = "kernel" if cpu_kernels.supports_attention(q) and cpu_kernels.available() else (
+            "blockwise")
     if impl == "kernel":
-        return attention_cpu.causal_attention(q, k, v)
+        return cpu_kernels.causal_attention(q, k, v)
     if impl == "blockwise":
         return blockwise_causal_attention(q, k, v, ATTENTION_BLOCK)
     return jax.nn.dot_product_attention(
@@ -269,12 +270,11 @@ def dense(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
     On CPU this is one row-major 2-D matmul whose weight gradient transposes explicitly:
     autodiff writes dw = xᵀ·g, and XLA:CPU then either materialised gᵀ in a strided copy
     fused with g's producer or picked a transposed output layout that the next elementwise op
-    read with a large stride; both cost more than the matmul. A transpose fused with its
-    producer (the scan's slice of a saved input, say) runs at 0.5-2 GB/s on XLA:CPU, so the
-    gradient transposes the narrower of x and g: xᵀ·g, or (gᵀ·x)ᵀ with only the small
-    [d_out, d_in] product transposed after it (w_out's [tokens, d_ff] input took 85 ms per
-    layer at d=512 as xᵀ·g, 53 ms this way). Optimization barriers keep XLA from folding the
-    transposes back into the dots. Other backends take the plain `tensordot`, which keeps
+    read with a large stride; both cost more than the matmul. The gradient transposes the
+    narrower of x and g: xᵀ·g, or (gᵀ·x)ᵀ with only the small [d_out, d_in] product
+    transposed after it (w_out's [tokens, d_ff] input took 85 ms per layer at d=512 as xᵀ·g,
+    53 ms this way), through `cpu_kernels.transpose`, which XLA can neither fuse into a slow
+    loop nor fold back into the dot. Other backends take the plain `tensordot`, which keeps
     every named axis for sharding.
     """
     if jax.default_backend() != "cpu":
@@ -291,11 +291,8 @@ def _dense_cpu(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _dense_cpu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
-    barrier = jax.lax.optimization_barrier
-    if x.shape[1] > g.shape[1]:  # transpose the narrower of x and g, then the small product
-        dw = barrier(barrier(g.T) @ x).T
-    else:
-        dw = barrier(x.T) @ g
+    t = cpu_kernels.transpose
+    dw = t(t(g) @ x) if x.shape[1] > g.shape[1] else t(x) @ g  # transpose the narrower
     return g @ w.T, dw
 
 

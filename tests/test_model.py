@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import attention_cpu
+from lm import cpu_kernels
 from lm import model as model_lib
 from lm.sizing import count_params
 
@@ -107,26 +107,56 @@ def test_blockwise_attention_matches_full_attention(length, block):
     (3, 1, 1, 4),      # a single position
 ])
 def test_cpu_kernel_attention_matches_full_attention(batch, length, heads, dim):
-    assert attention_cpu.available(), "the C++ kernel did not build (see the warning)"
+    assert cpu_kernels.available(), "the C++ kernel did not build (see the warning)"
     q, k, v = 2 * jax.random.normal(jax.random.key(length), (3, batch, length, heads, dim))
-    _assert_attention_matches_reference(attention_cpu.causal_attention, q, k, v)
+    _assert_attention_matches_reference(cpu_kernels.causal_attention, q, k, v)
 
 
 def test_cpu_kernel_build_failure_names_the_command(tmp_path, monkeypatch):
     """Without a working compiler the build raises with the command; 'auto' then falls back."""
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(RuntimeError, match=r"false .*attention_cpu\.cc.* failed"):
-        attention_cpu.build(tmp_path)
+    with pytest.raises(RuntimeError, match=r"false .*cpu_kernels\.cc.* failed"):
+        cpu_kernels.build(tmp_path)
     assert not list(tmp_path.iterdir())  # no half-written library left behind
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="no-such-compiler"):
-        attention_cpu.build(tmp_path)
+        cpu_kernels.build(tmp_path)
 
 
 def test_cpu_kernel_rejects_what_it_cannot_run():
     q = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"float32 .* got bfloat16\[1, 8, 2, 4\]"):
-        attention_cpu.causal_attention(q, q, q)
+        cpu_kernels.causal_attention(q, q, q)
+
+
+@pytest.mark.parametrize("shape", [(37, 70), (1, 5), (4096, 128)])
+def test_cpu_kernel_transpose(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_array_equal(jax.jit(cpu_kernels.transpose)(x), x.T)
+    assert "lm_transpose" in str(jax.make_jaxpr(cpu_kernels.transpose)(x))
+    xb = x.astype(jnp.bfloat16)  # not the kernel's dtype: the XLA transpose
+    np.testing.assert_array_equal(jax.jit(cpu_kernels.transpose)(xb), xb.T)
+
+
+def test_model_without_cpu_kernels_matches(tiny_model, monkeypatch):
+    """Where the kernels cannot be built, 'auto' runs pure XLA with the same loss and gradient."""
+    tokens = jnp.arange(2 * 70).reshape(2, 70) % tiny_model.vocab_size
+    graphdef, params = nnx.split(model_lib.Transformer(tiny_model, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+
+    def loss(params):
+        return jnp.mean(model_lib.apply(graphdef, params, tokens) ** 2)
+
+    def traced(params):  # a new function each time: make_jaxpr caches traces by function
+        return str(jax.make_jaxpr(jax.grad(lambda p: loss(p)))(params))
+
+    with_kernels = jax.value_and_grad(loss)(params)
+    assert "lm_attention" in traced(params) and "lm_transpose" in traced(params)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    assert "lm_" not in traced(params)
+    for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss)(params)), jax.tree.leaves(with_kernels),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "kernel"])

@@ -62,7 +62,7 @@ def test_cpu_kernel_attention_under_a_mesh():
     run_python("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding
-        from lm import attention_cpu, sharding as S
+        from lm import cpu_kernels, sharding as S
 
         mesh = S.make_mesh((2, 2, 2))
         spec = S.logical_to_spec(("batch", "length", "heads", "kv"), (4, 70, 4, 16), mesh)
@@ -72,9 +72,9 @@ def test_cpu_kernel_attention_under_a_mesh():
         loss = lambda fn: jax.jit(jax.value_and_grad(
             lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)))
         with jax.set_mesh(mesh):
-            jaxpr = str(jax.make_jaxpr(attention_cpu.causal_attention)(q, k, v))
+            jaxpr = str(jax.make_jaxpr(cpu_kernels.causal_attention)(q, k, v))
             assert "shard_map" in jaxpr, jaxpr
-            (value, grads), (ref_value, ref_grads) = loss(attention_cpu.causal_attention)(q, k, v), \\
+            (value, grads), (ref_value, ref_grads) = loss(cpu_kernels.causal_attention)(q, k, v), \\
                 loss(ref)(q, k, v)
         assert grads[0].sharding.spec == spec, grads[0].sharding
         np.testing.assert_allclose(value, ref_value, rtol=1e-5)

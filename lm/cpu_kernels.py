@@ -1,14 +1,17 @@
-"""Causal flash attention on CPU as an XLA FFI custom call (C++ in `attention_cpu.cc`).
+"""C++ kernels for XLA:CPU as XLA FFI custom calls (`cpu_kernels.cc`): causal flash
+attention and a 2-D transpose, both float32.
 
 XLA:CPU runs the attention's batched small products single-threaded (40-60 GFLOP/s on a
-core that does ~100 on 2-D products) and each softmax step as its own pass over memory.
-The kernel parallelises over (batch, head) pairs on XLA's intra-op thread pool and keeps
-each 64-row block's scores and softmax in cache (docs/benchmarks.md has the figures).
+core that does ~100 on 2-D products) and each softmax step as its own pass over memory; the
+kernel parallelises over (batch, head) pairs on XLA's intra-op thread pool and keeps each
+64-row block's scores and softmax in cache. XLA:CPU also fuses transposes into slow
+elementwise loops (0.5-4 GB/s); the dense layers' weight gradients each need one.
+docs/benchmarks.md has the figures.
 
-It is compiled once per host and source version with the system C++ compiler (`$CXX`, else
-`c++`, `-O3 -march=native`) into the cache directory, then registered with XLA. Where no
-compiler works, `available()` is False (with a warning saying why) and `attention="auto"`
-falls back to the blockwise XLA attention in `lm.model`.
+The library is compiled once per host and source version with the system C++ compiler
+(`$CXX`, else `c++`, `-O3 -march=native`) into the cache directory, then registered with
+XLA. Where no compiler works, `available()` is False (with a warning saying why) and the
+model falls back to pure XLA: the blockwise attention and barrier-guarded transposes.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from lm.files import temporary_path
 from lm.metrics import cache_dir
 from lm.sharding import logical_to_spec
 
-SOURCE = Path(__file__).with_name("attention_cpu.cc")
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _TARGETS = {"lm_attention_forward": "LmAttentionForward",
-            "lm_attention_backward": "LmAttentionBackward"}
+            "lm_attention_backward": "LmAttentionBackward", "lm_transpose": "LmTranspose"}
 
 
 def _host_cpu() -> str:
@@ -59,7 +62,7 @@ def build(directory: Path) -> Path:
     key = hashlib.sha256(b"\0".join([
         SOURCE.read_bytes(), jax.__version__.encode(), _host_cpu().encode(),
         " ".join(_compile_command(Path("out"))).encode()])).hexdigest()[:16]
-    path = Path(directory) / f"attention_cpu-{key}.so"
+    path = Path(directory) / f"cpu_kernels-{key}.so"
     if path.exists():
         return path
     tmp = temporary_path(path, ".so")
@@ -79,12 +82,11 @@ def build(directory: Path) -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """Build (or find in the cache), load and register the kernel; None with a warning."""
+    """Build (or find in the cache), load and register the kernels; None with a warning."""
     try:
         path = build(cache_dir() / "kernels")
     except RuntimeError as e:
-        warnings.warn(f"CPU attention kernel not built, using the XLA blockwise attention: {e}",
-                      stacklevel=3)
+        warnings.warn(f"CPU kernels not built, using pure XLA instead: {e}", stacklevel=3)
         return None
     lib = ctypes.cdll.LoadLibrary(str(path))
     for target, symbol in _TARGETS.items():
@@ -94,12 +96,29 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the kernel is built and registered (it builds on the first call)."""
-    return _library() is not None
+    """Whether the kernels are built and registered (they build on the first call)."""
+    return jax.default_backend() == "cpu" and _library() is not None
 
 
-def supports(q: jax.Array) -> bool:
-    """The kernel takes float32 [batch, length, heads, head_dim] arrays on CPU."""
+def _single_device() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1
+
+
+def transpose(x: jax.Array) -> jax.Array:
+    """xᵀ of a 2-D array that XLA can neither fuse nor fold into the next dot.
+
+    The C++ copy on one CPU device; otherwise (no kernels, or a multi-device mesh, whose
+    partitioner must see the transpose to keep shards local) an XLA transpose behind
+    optimization barriers.
+    """
+    if x.dtype == jnp.float32 and _single_device() and available():
+        return jax.ffi.ffi_call("lm_transpose", jax.ShapeDtypeStruct(x.shape[::-1], x.dtype))(x)
+    return jax.lax.optimization_barrier(jax.lax.optimization_barrier(x).T)
+
+
+def supports_attention(q: jax.Array) -> bool:
+    """The attention kernel takes float32 [batch, length, heads, head_dim] arrays on CPU."""
     return jax.default_backend() == "cpu" and q.ndim == 4 and q.dtype == jnp.float32
 
 
@@ -109,15 +128,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     Under a mesh each device runs the kernel on its own batch and head shard (shard_map);
     attention never mixes batch rows or heads, so no communication is needed.
     """
-    if not supports(q):
+    if not supports_attention(q):
         raise ValueError(f"model.attention='kernel' takes float32 [batch, length, heads, head_dim] "
                          f"arrays on CPU; got {q.dtype}{list(q.shape)} on {jax.default_backend()}")
     if not available():
-        raise RuntimeError("the CPU attention kernel could not be built (see the warning above); "
+        raise RuntimeError("the CPU kernels could not be built (see the warning above); "
                            "use model.attention='blockwise'")
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    if _single_device():
         return _attention(q, k, v)
+    mesh = jax.sharding.get_abstract_mesh()
     spec = logical_to_spec(("batch", "length", "heads", "kv"), q.shape, mesh)
     # check_vma off: the custom call's outputs are per shard, exactly as out_specs says
     return jax.shard_map(_attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
