@@ -141,16 +141,18 @@ struct Dims {
   int64_t at(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * D; }
 };
 
-// x[b, :, h, :] * scale into rows [Tp x Dp] (transposed: [Dp x Tp]), zero padded.
-void pack(const float* x, const Dims& d, int64_t b, int64_t h, float scale, bool transposed,
-          float* out) {
-  if (d.Tp != d.T || d.Dp != d.D) std::fill(out, out + d.Tp * d.Dp, 0.f);
+// x[b, :, h, :] into rows [Tp x Dp] and/or, times cols_scale, transposed into cols [Dp x Tp]
+// (either may be null), zero padded; one pass over the strided input for both.
+void pack(const float* x, const Dims& d, int64_t b, int64_t h, float* rows, float* cols,
+          float cols_scale = 1.f) {
+  const bool padded = d.Tp != d.T || d.Dp != d.D;
+  for (float* out : {rows, cols})
+    if (out && padded) std::fill(out, out + d.Tp * d.Dp, 0.f);
   for (int64_t t = 0; t < d.T; ++t) {
     const float* row = x + d.at(b, t, h);
-    if (transposed)
-      for (int64_t c = 0; c < d.D; ++c) out[c * d.Tp + t] = scale * row[c];
-    else
-      for (int64_t c = 0; c < d.D; ++c) out[t * d.Dp + c] = scale * row[c];
+    if (rows) std::copy(row, row + d.D, rows + t * d.Dp);
+    if (cols)
+      for (int64_t c = 0; c < d.D; ++c) cols[c * d.Tp + t] = cols_scale * row[c];
   }
 }
 
@@ -188,9 +190,9 @@ void forward_item(const Dims& d, const float* q, const float* k, const float* v,
   auto buf = scratch(3 * Tp * Dp + BLK * Dp + BLK * BLK);
   float *qt = buf.get(), *kp = qt + Tp * Dp, *vp = kp + Tp * Dp, *acc = vp + Tp * Dp,
         *st = acc + BLK * Dp;
-  pack(q, d, b, h, 1.f / std::sqrt(float(d.D)), true, qt);
-  pack(k, d, b, h, 1.f, false, kp);
-  pack(v, d, b, h, 1.f, false, vp);
+  pack(q, d, b, h, nullptr, qt, 1.f / std::sqrt(float(d.D)));
+  pack(k, d, b, h, kp, nullptr);
+  pack(v, d, b, h, vp, nullptr);
   const vec inf = splat(std::numeric_limits<float>::infinity()), lanes = lane_index();
   alignas(64) float m[BLK], l[BLK], alpha[BLK];
   for (int64_t qb = 0; qb < Tp; qb += BLK) {
@@ -240,12 +242,10 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
         *dva = dka + BLK * Dp, *st = dva + BLK * Dp, *pt = st + BLK * BLK,
         *dpt = pt + BLK * BLK, *dst = dpt + BLK * BLK, *lse_p = dst + BLK * BLK,
         *delta = lse_p + Tp;
-  pack(q, d, b, h, 1.f, false, qp);
-  pack(q, d, b, h, scale, true, qt);
-  pack(k, d, b, h, 1.f, false, kp);
-  pack(v, d, b, h, 1.f, false, vp);
-  pack(g, d, b, h, 1.f, false, gp);
-  pack(g, d, b, h, 1.f, true, gt);
+  pack(q, d, b, h, qp, qt, scale);
+  pack(k, d, b, h, kp, nullptr);
+  pack(v, d, b, h, vp, nullptr);
+  pack(g, d, b, h, gp, gt);
   std::fill(dqa, dqa + Tp * Dp, 0.f);
   for (int64_t t = 0; t < Tp; ++t) {  // padded queries: lse = +inf makes their P ~0
     lse_p[t] = t < d.T ? lse[(b * d.H + h) * d.T + t] : std::numeric_limits<float>::infinity();
