@@ -263,14 +263,15 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
       // key-major blocks [key, query]: st = k qᵀ (scaled), dpt = v doᵀ
       matmul<false>(BLK, BLK, Dp, kp + kb * Dp, Dp, qt + qb, Tp, st, BLK);
       matmul<false>(BLK, BLK, Dp, vp + kb * Dp, Dp, gt + qb, Tp, dpt, BLK);
+      const vec lanes = lane_index();
       for (int r = 0; r < BLK; ++r) {
         for (int c = 0; c < BLK; c += W) {
           vec p = vexp(load(st + r * BLK + c) - load(lse_p + qb + c));
+          if (qb == kb)  // the diagonal block: query c + i sees key r only when c + i >= r
+            p = lanes + float(c) < float(r) ? vec{} : p;
           store(pt + r * BLK + c, p);
           store(dst + r * BLK + c, p * (load(dpt + r * BLK + c) - load(delta + qb + c)));
         }
-        if (qb == kb)  // query qb + c sees key kb + r only when c >= r
-          for (int c = 0; c < r; ++c) pt[r * BLK + c] = dst[r * BLK + c] = 0.f;
       }
       matmul<true>(BLK, Dp, BLK, pt, BLK, gp + qb * Dp, Dp, dva, Dp);
       matmul<true>(BLK, Dp, BLK, dst, BLK, qp + qb * Dp, Dp, dka, Dp);

@@ -83,12 +83,11 @@ def build(directory: Path) -> Path:
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """Build (or find in the cache), load and register the kernels; None with a warning."""
-    try:
-        path = build(cache_dir() / "kernels")
-    except RuntimeError as e:
-        warnings.warn(f"CPU kernels not built, using pure XLA instead: {e}", stacklevel=3)
+    try:  # a failed compile, an unwritable cache or a library that does not load
+        lib = ctypes.cdll.LoadLibrary(str(build(cache_dir() / "kernels")))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"CPU kernels not available, using pure XLA instead: {e}", stacklevel=3)
         return None
-    lib = ctypes.cdll.LoadLibrary(str(path))
     for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")

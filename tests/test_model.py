@@ -123,6 +123,21 @@ def test_cpu_kernel_build_failure_names_the_command(tmp_path, monkeypatch):
         cpu_kernels.build(tmp_path)
 
 
+def test_cpu_kernels_unavailable_is_a_warning(tmp_path, monkeypatch):
+    """An unwritable cache (or a failed build) warns and reports the kernels unavailable."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("LM_CACHE_DIR", str(blocker / "cache"))
+    cpu_kernels._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU kernels not available, using pure XLA"):
+            assert not cpu_kernels.available()
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._library.cache_clear()
+    assert cpu_kernels.available()
+
+
 def test_cpu_kernel_rejects_what_it_cannot_run():
     q = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"float32 .* got bfloat16\[1, 8, 2, 4\]"):
