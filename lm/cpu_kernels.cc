@@ -25,7 +25,6 @@
 #include <limits>
 #include <memory>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -110,18 +109,6 @@ void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const 
   for (; n + 2 * W <= N; n += 2 * W)
     tile_rows<2, ACC, TRANS_A>(M, A, lda, B + n, ldb, C + n, ldc, K);
   for (; n < N; n += W) tile_rows<1, ACC, TRANS_A>(M, A, lda, B + n, ldb, C + n, ldc, K);
-}
-
-inline float hsum(vec v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-}
-
-inline float hmax(vec v) {
-  float s = v[0];
-  for (int i = 1; i < W; ++i) s = std::max(s, v[i]);
-  return s;
 }
 
 // Column indices 0..W-1 of a vector, for the causal mask of diagonal blocks.
