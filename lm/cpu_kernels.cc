@@ -1,15 +1,19 @@
-// XLA FFI custom calls for XLA:CPU, float32: causal flash attention (forward and backward)
-// and a 2-D transpose.
+// XLA FFI custom calls for XLA:CPU, float32: causal flash attention with rotary positions
+// (forward and backward) and a 2-D transpose.
 //
 // Attention: XLA:CPU runs the attention's batched [64 x head_dim] products single-threaded at
 // 40-60 GFLOP/s and every softmax step as a separate fusion through memory. Here each
 // (batch, head) pair is one work item, spread over XLA's intra-op thread pool; within an
 // item the products are register-tiled loops over cache-resident 64-row blocks and the
 // softmax is fused between them (FlashAttention: online softmax forward; backward
-// recomputes the probabilities from the saved log-sum-exp).
+// recomputes the probabilities from the saved log-sum-exp). The kernel reads q, k and v
+// straight from the fused projection's output and applies the rotary embedding while
+// packing them (and its transpose to dq and dk), so XLA never splits, rotates, saves or
+// concatenates them.
 //
-// Layout: q, k, v, o, do, dq, dk, dv are [batch, length, heads, head_dim]; lse is
-// [batch, heads, length].
+// Layout: qkv and dqkv are [batch, length, 3, heads, head_dim] (q, k, v); o and do are
+// [batch, length, heads, head_dim]; lse is [batch, heads, length]; sin and cos are
+// [length, head_dim / 2], rotating the pairs (x[i], x[i + head_dim / 2]).
 //
 // Transpose: XLA:CPU fuses a transpose with its producer (the layer scan's slice of a saved
 // activation, say) into an elementwise loop that runs at 0.5-4 GB/s; the weight gradients of
@@ -121,22 +125,52 @@ inline vec lane_index() {
 // Shape of one call and the zero-padded sizes of its per-item buffers.
 struct Dims {
   int64_t B, T, H, D, Tp, Dp;
-  explicit Dims(ffi::Span<const int64_t> d)
-      : B(d[0]), T(d[1]), H(d[2]), D(d[3]), Tp((d[1] + BLK - 1) / BLK * BLK),
-        Dp((d[3] + W - 1) / W * W) {}
+  explicit Dims(ffi::Span<const int64_t> qkv)  // [B, T, 3, H, D]
+      : B(qkv[0]), T(qkv[1]), H(qkv[3]), D(qkv[4]), Tp((qkv[1] + BLK - 1) / BLK * BLK),
+        Dp((qkv[4] + W - 1) / W * W) {}
   // offset of x[b, t, h, 0] in a [B, T, H, D] array
   int64_t at(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * D; }
+  // offset of x[b, 0, part, h, 0] in a [B, T, 3, H, D] array; rows are 3 * H * D apart
+  int64_t part(int64_t b, int64_t part, int64_t h) const { return ((b * T * 3 + part) * H + h) * D; }
 };
 
-// x[b, :, h, :] into rows [Tp x Dp] and/or, times cols_scale, transposed into cols [Dp x Tp]
-// (either may be null), zero padded; one pass over the strided input for both.
-void pack(const float* x, const Dims& d, int64_t b, int64_t h, float* rows, float* cols,
+// One (batch, head) slice [T x D] of a strided array: row t starts at base + t * stride.
+struct Slice {
+  const float* base;
+  int64_t stride;
+  const float* row(int64_t t) const { return base + t * stride; }
+};
+
+// Rotary tables [T x D/2]. rotate(+1) is the embedding, rotate(-1) its transpose (inverse),
+// which maps gradients with respect to rotated vectors back to the projections.
+struct Rope {
+  const float *sin, *cos;
+  void rotate(const float* x, int64_t t, int64_t D, float sign, float scale, float* out) const {
+    const int64_t half = D / 2;
+    const float *s = sin + t * half, *c = cos + t * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = x[i], x2 = x[i + half], si = sign * s[i];
+      out[i] = scale * (x1 * c[i] - x2 * si);
+      out[i + half] = scale * (x2 * c[i] + x1 * si);
+    }
+  }
+};
+
+// A slice into rows [Tp x Dp] and/or, times cols_scale, transposed into cols [Dp x Tp]
+// (either may be null), zero padded, rotated first when rope is given; one pass over the
+// strided input for both.
+void pack(Slice x, const Dims& d, const Rope* rope, float* rows, float* cols,
           float cols_scale = 1.f) {
   const bool padded = d.Tp != d.T || d.Dp != d.D;
   for (float* out : {rows, cols})
     if (out && padded) std::fill(out, out + d.Tp * d.Dp, 0.f);
+  std::unique_ptr<float[]> rotated(rope ? new float[d.D] : nullptr);
   for (int64_t t = 0; t < d.T; ++t) {
-    const float* row = x + d.at(b, t, h);
+    const float* row = x.row(t);
+    if (rope) {
+      rope->rotate(row, t, d.D, 1.f, 1.f, rotated.get());
+      row = rotated.get();
+    }
     if (rows) std::copy(row, row + d.D, rows + t * d.Dp);
     if (cols)
       for (int64_t c = 0; c < d.D; ++c) cols[c * d.Tp + t] = cols_scale * row[c];
@@ -169,17 +203,26 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
   while (state->done.load() < n) std::this_thread::yield();
 }
 
-void forward_item(const Dims& d, const float* q, const float* k, const float* v, float* o,
-                  float* lse, int64_t item) {
+// The (batch, head) slices of q, k and v in a [B, T, 3, H, D] array.
+struct Qkv {
+  Slice q, k, v;
+  Qkv(const float* qkv, const Dims& d, int64_t b, int64_t h)
+      : q{qkv + d.part(b, 0, h), 3 * d.H * d.D}, k{qkv + d.part(b, 1, h), 3 * d.H * d.D},
+        v{qkv + d.part(b, 2, h), 3 * d.H * d.D} {}
+};
+
+void forward_item(const Dims& d, const float* qkv, Rope rope, float* o, float* lse,
+                  int64_t item) {
   // Key-major blocks [key, query], so that each query's softmax statistics are one lane of
   // a vector and every reduction runs down the rows (no horizontal sums, no scalar exp).
   const int64_t b = item / d.H, h = item % d.H, Tp = d.Tp, Dp = d.Dp;
   auto buf = scratch(3 * Tp * Dp + BLK * Dp + BLK * BLK);
   float *qt = buf.get(), *kp = qt + Tp * Dp, *vp = kp + Tp * Dp, *acc = vp + Tp * Dp,
         *st = acc + BLK * Dp;
-  pack(q, d, b, h, nullptr, qt, 1.f / std::sqrt(float(d.D)));
-  pack(k, d, b, h, kp, nullptr);
-  pack(v, d, b, h, vp, nullptr);
+  const Qkv x(qkv, d, b, h);
+  pack(x.q, d, &rope, nullptr, qt, 1.f / std::sqrt(float(d.D)));
+  pack(x.k, d, &rope, kp, nullptr);
+  pack(x.v, d, nullptr, vp, nullptr);
   const vec inf = splat(std::numeric_limits<float>::infinity()), lanes = lane_index();
   alignas(64) float m[BLK], l[BLK], alpha[BLK];
   for (int64_t qb = 0; qb < Tp; qb += BLK) {
@@ -218,9 +261,8 @@ void forward_item(const Dims& d, const float* q, const float* k, const float* v,
   }
 }
 
-void backward_item(const Dims& d, const float* q, const float* k, const float* v,
-                   const float* o, const float* lse, const float* g, float* dq, float* dk,
-                   float* dv, int64_t item) {
+void backward_item(const Dims& d, const float* qkv, Rope rope, const float* o,
+                   const float* lse, const float* g, float* dqkv, int64_t item) {
   const int64_t b = item / d.H, h = item % d.H, Tp = d.Tp, Dp = d.Dp;
   const float scale = 1.f / std::sqrt(float(d.D));
   auto buf = scratch(7 * Tp * Dp + 2 * BLK * Dp + 4 * BLK * BLK + 2 * Tp);
@@ -229,10 +271,11 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
         *dva = dka + BLK * Dp, *st = dva + BLK * Dp, *pt = st + BLK * BLK,
         *dpt = pt + BLK * BLK, *dst = dpt + BLK * BLK, *lse_p = dst + BLK * BLK,
         *delta = lse_p + Tp;
-  pack(q, d, b, h, qp, qt, scale);
-  pack(k, d, b, h, kp, nullptr);
-  pack(v, d, b, h, vp, nullptr);
-  pack(g, d, b, h, gp, gt);
+  const Qkv x(qkv, d, b, h);
+  pack(x.q, d, &rope, qp, qt, scale);
+  pack(x.k, d, &rope, kp, nullptr);
+  pack(x.v, d, nullptr, vp, nullptr);
+  pack(Slice{g + d.at(b, 0, h), d.H * d.D}, d, nullptr, gp, gt);
   std::fill(dqa, dqa + Tp * Dp, 0.f);
   for (int64_t t = 0; t < Tp; ++t) {  // padded queries: lse = +inf makes their P ~0
     lse_p[t] = t < d.T ? lse[(b * d.H + h) * d.T + t] : std::numeric_limits<float>::infinity();
@@ -264,39 +307,35 @@ void backward_item(const Dims& d, const float* q, const float* k, const float* v
       matmul<true>(BLK, Dp, BLK, dst, BLK, qp + qb * Dp, Dp, dka, Dp);
       matmul<true, true>(BLK, Dp, BLK, dst, BLK, kp + kb * Dp, Dp, dqa + qb * Dp, Dp);
     }
-    for (int r = 0; r < BLK && kb + r < d.T; ++r) {
-      float *dkr = dk + d.at(b, kb + r, h), *dvr = dv + d.at(b, kb + r, h);
-      for (int c = 0; c < d.D; ++c) {
-        dkr[c] = scale * dka[r * Dp + c];
-        dvr[c] = dva[r * Dp + c];
-      }
+    for (int r = 0; r < BLK && kb + r < d.T; ++r) {  // gradients of the unrotated k and v
+      const int64_t t = kb + r, row = t * 3 * d.H * d.D;
+      rope.rotate(dka + r * Dp, t, d.D, -1.f, scale, dqkv + d.part(b, 1, h) + row);
+      std::copy(dva + r * Dp, dva + r * Dp + d.D, dqkv + d.part(b, 2, h) + row);
     }
   }
-  for (int64_t t = 0; t < d.T; ++t) {
-    float* dqr = dq + d.at(b, t, h);
-    for (int c = 0; c < d.D; ++c) dqr[c] = scale * dqa[t * Dp + c];
-  }
+  for (int64_t t = 0; t < d.T; ++t)
+    rope.rotate(dqa + t * Dp, t, d.D, -1.f, scale, dqkv + d.part(b, 0, h) + t * 3 * d.H * d.D);
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out o, F32Out lse) {
-  Dims d(q.dimensions());
+ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32 sin, F32 cos, F32Out o, F32Out lse) {
+  Dims d(qkv.dimensions());
+  Rope rope{sin.typed_data(), cos.typed_data()};
   parallel_for(pool, d.B * d.H, [&](int64_t i) {
-    forward_item(d, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(),
-                 lse->typed_data(), i);
+    forward_item(d, qkv.typed_data(), rope, o->typed_data(), lse->typed_data(), i);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 o, F32 lse, F32 g,
-                    F32Out dq, F32Out dk, F32Out dv) {
-  Dims d(q.dimensions());
+ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 sin, F32 cos, F32 o, F32 lse, F32 g,
+                    F32Out dqkv) {
+  Dims d(qkv.dimensions());
+  Rope rope{sin.typed_data(), cos.typed_data()};
   parallel_for(pool, d.B * d.H, [&](int64_t i) {
-    backward_item(d, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(),
-                  lse.typed_data(), g.typed_data(), dq->typed_data(), dk->typed_data(),
-                  dv->typed_data(), i);
+    backward_item(d, qkv.typed_data(), rope, o.typed_data(), lse.typed_data(), g.typed_data(),
+                  dqkv->typed_data(), i);
   });
   return ffi::Error::Success();
 }
@@ -339,6 +378,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, Backward,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
                                   .Ret<F32>());

@@ -1,10 +1,12 @@
 """C++ kernels for XLA:CPU as XLA FFI custom calls (`cpu_kernels.cc`): causal flash
-attention and a 2-D transpose, both float32.
+attention with rotary positions, and a 2-D transpose, both float32.
 
 XLA:CPU runs the attention's batched small products single-threaded (40-60 GFLOP/s on a
 core that does ~100 on 2-D products) and each softmax step as its own pass over memory; the
 kernel parallelises over (batch, head) pairs on XLA's intra-op thread pool and keeps each
-64-row block's scores and softmax in cache. XLA:CPU also fuses transposes into slow
+64-row block's scores and softmax in cache. It reads q, k and v from the fused
+projection and rotates them itself, which saves XLA's split, rotary, residual and
+concatenate passes over memory. XLA:CPU also fuses transposes into slow
 elementwise loops (0.5-4 GB/s); the dense layers' weight gradients each need one.
 docs/benchmarks.md has the figures.
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lm.files import temporary_path
 from lm.metrics import cache_dir
@@ -116,45 +119,56 @@ def transpose(x: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(jax.lax.optimization_barrier(x).T)
 
 
-def supports_attention(q: jax.Array) -> bool:
-    """The attention kernel takes float32 [batch, length, heads, head_dim] arrays on CPU."""
-    return jax.default_backend() == "cpu" and q.ndim == 4 and q.dtype == jnp.float32
+def supports_attention(qkv: jax.Array) -> bool:
+    """The attention kernel takes a float32 [batch, length, 3, heads, head_dim] qkv on CPU."""
+    return (jax.default_backend() == "cpu" and qkv.ndim == 5 and qkv.shape[2] == 3
+            and qkv.shape[-1] % 2 == 0 and qkv.dtype == jnp.float32)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Exact causal softmax attention of q, k, v [batch, length, heads, head_dim], float32.
+def causal_attention(qkv: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Exact causal softmax attention [batch, length, heads, head_dim] of the fused
+    projection qkv [batch, length, 3, heads, head_dim], float32, with q and k rotated by the
+    rotary tables sin, cos [length, head_dim // 2] (`lm.model.apply_rope`) on the way in.
 
     Under a mesh each device runs the kernel on its own batch and head shard (shard_map);
     attention never mixes batch rows or heads, so no communication is needed.
     """
-    if not supports_attention(q):
-        raise ValueError(f"model.attention='kernel' takes float32 [batch, length, heads, head_dim] "
-                         f"arrays on CPU; got {q.dtype}{list(q.shape)} on {jax.default_backend()}")
+    if not supports_attention(qkv):
+        raise ValueError(f"model.attention='kernel' takes a float32 [batch, length, 3, heads, "
+                         f"head_dim] qkv (head_dim even) on CPU; got {qkv.dtype}{list(qkv.shape)} "
+                         f"on {jax.default_backend()}")
+    tables = (qkv.shape[1], qkv.shape[-1] // 2)
+    if sin.shape != tables or cos.shape != tables:
+        raise ValueError(f"rotary tables must be [length, head_dim // 2] = {list(tables)}; "
+                         f"got sin{list(sin.shape)}, cos{list(cos.shape)}")
     if not available():
         raise RuntimeError("the CPU kernels could not be built (see the warning above); "
                            "use model.attention='blockwise'")
+    sin, cos = sin.astype(jnp.float32), cos.astype(jnp.float32)
     if _single_device():
-        return _attention(q, k, v)
+        return _attention(qkv, sin, cos)
     mesh = jax.sharding.get_abstract_mesh()
-    spec = logical_to_spec(("batch", "length", "heads", "kv"), q.shape, mesh)
+    spec = logical_to_spec(("batch", "length", "qkv", "heads", "kv"), qkv.shape, mesh)
+    out_spec = jax.sharding.PartitionSpec(*spec[:2], *spec[3:])
     # check_vma off: the custom call's outputs are per shard, exactly as out_specs says
-    return jax.shard_map(_attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
-                         check_vma=False)(q, k, v)
+    return jax.shard_map(_attention, mesh=mesh, in_specs=(spec, P(), P()), out_specs=out_spec,
+                         check_vma=False)(qkv, sin, cos)
 
 
-def _forward(q, k, v):
-    b, t, h, _ = q.shape
+def _forward(qkv, sin, cos):
+    b, t, _, h, d = qkv.shape
     o, lse = jax.ffi.ffi_call("lm_attention_forward", (
-        jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        jax.ShapeDtypeStruct((b, h, t), jnp.float32)))(q, k, v)
-    return o, (q, k, v, o, lse)
+        jax.ShapeDtypeStruct((b, t, h, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, t), jnp.float32)))(qkv, sin, cos)
+    return o, (qkv, sin, cos, o, lse)
 
 
 def _backward(res, g):
-    q = res[0]
-    shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return tuple(jax.ffi.ffi_call("lm_attention_backward", (shape,) * 3)(*res, g))
+    qkv, sin, cos = res[:3]
+    dqkv = jax.ffi.ffi_call("lm_attention_backward", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
+        *res, g)
+    return dqkv, jnp.zeros_like(sin), jnp.zeros_like(cos)  # the tables are constants
 
 
-_attention = jax.custom_vjp(lambda q, k, v: _forward(q, k, v)[0])
+_attention = jax.custom_vjp(lambda qkv, sin, cos: _forward(qkv, sin, cos)[0])
 _attention.defvjp(_forward, _backward)

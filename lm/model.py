@@ -109,7 +109,7 @@ class Transformer(nnx.Module):
 
         def body(x, layer):
             p, k_cache, v_cache = layer
-            q, k, v = qkv_proj(cfg, p, x, sin, cos)
+            q, k, v = split_rope(qkv_proj(cfg, p, x), sin, cos)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), t, 1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), t, 1)
             scores = jnp.einsum("bhk,bshk->bhs", q[:, 0], k_cache,
@@ -147,20 +147,23 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def causal_attention(cfg, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal self-attention of q, k, v [batch, length, heads, head_dim].
+def causal_attention(cfg, qkv: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Causal self-attention [batch, length, heads, head_dim] of the fused projection qkv
+    [batch, length, 3, heads, head_dim], with rotary positions from the tables sin, cos.
 
-    'auto' is, on CPU, the C++ flash-attention kernel (`lm.cpu_kernels`) for float32 when
-    it could be built, else the blockwise attention below; elsewhere it lets JAX choose
-    (cuDNN flash attention on GPUs when it applies). 'kernel', 'blockwise', 'xla' and
-    'cudnn' force one.
+    'auto' is, on CPU, the C++ flash-attention kernel (`lm.cpu_kernels`, which also applies
+    the rotary embedding) for float32 when it could be built, else the blockwise attention
+    below; elsewhere it lets JAX choose (cuDNN flash attention on GPUs when it applies).
+    'kernel', 'blockwise', 'xla' and 'cudnn' force one.
     """
     impl = cfg.attention
     if impl == "auto" and jax.default_backend() == "cpu":
-        impl = "kernel" if cpu_kernels.supports_attention(q) and cpu_kernels.available() else (
+        impl = "kernel" if cpu_kernels.supports_attention(qkv) and cpu_kernels.available() else (
             "blockwise")
     if impl == "kernel":
-        return cpu_kernels.causal_attention(q, k, v)
+        return cpu_kernels.causal_attention(qkv, sin, cos)
+    q, k, v = split_rope(qkv, sin, cos)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
     if impl == "blockwise":
         return blockwise_causal_attention(q, k, v, ATTENTION_BLOCK)
     return jax.nn.dot_product_attention(
@@ -299,10 +302,14 @@ def _dense_cpu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.
 _dense_cpu.defvjp(lambda x, w: (_dense_cpu(x, w), (x, w)), _dense_cpu_bwd)
 
 
-def qkv_proj(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array):
-    """Normed input -> rotated q, k and v [batch, length, heads, head_dim]."""
+def qkv_proj(cfg, p: Params, x: jax.Array) -> jax.Array:
+    """Normed input -> the fused projection qkv [batch, length, 3, heads, head_dim]."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    qkv = dense(h, p["wqkv"].astype(x.dtype))  # [batch, length, 3, heads, head_dim]
+    return dense(h, p["wqkv"].astype(x.dtype))
+
+
+def split_rope(qkv: jax.Array, sin: jax.Array, cos: jax.Array):
+    """qkv -> rotated q, k and v [batch, length, heads, head_dim]."""
     # split, not indexing: its gradient is one concatenate (indexing's is three padded adds)
     q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))
     return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
@@ -321,9 +328,7 @@ def mlp(cfg, p: Params, x: jax.Array) -> jax.Array:
 
 def block(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     """One pre-norm transformer block over a full (causal) sequence."""
-    q, k, v = qkv_proj(cfg, p, x, sin, cos)
-    q = constrain(q, ("batch", "length", "heads", "kv"))
-    o = causal_attention(cfg, q, k, v)
+    o = causal_attention(cfg, qkv_proj(cfg, p, x), sin, cos)
     x = x + dense(o, p["wo"].astype(x.dtype), axes=2)
     x = constrain(x, ("batch", "length", "embed"))
     x = x + mlp(cfg, p, x)

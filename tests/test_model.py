@@ -107,9 +107,21 @@ def test_blockwise_attention_matches_full_attention(length, block):
     (3, 1, 1, 4),      # a single position
 ])
 def test_cpu_kernel_attention_matches_full_attention(batch, length, heads, dim):
+    """The kernel on the fused projection equals split + rotary + reference attention, in value
+    and in the gradient with respect to qkv (through the rotation)."""
     assert cpu_kernels.available(), "the C++ kernel did not build (see the warning)"
-    q, k, v = 2 * jax.random.normal(jax.random.key(length), (3, batch, length, heads, dim))
-    _assert_attention_matches_reference(cpu_kernels.causal_attention, q, k, v)
+    qkv = 2 * jax.random.normal(jax.random.key(length), (batch, length, 3, heads, dim))
+    sin, cos = model_lib.rope_tables(jnp.arange(length), dim, 100.0)
+
+    def reference(qkv):
+        return _reference_attention(*model_lib.split_rope(qkv, sin, cos))
+
+    def loss(fn):
+        return jax.value_and_grad(lambda qkv: jnp.sum(jnp.sin(fn(qkv))))
+
+    kernel = jax.jit(lambda qkv: cpu_kernels.causal_attention(qkv, sin, cos))
+    np.testing.assert_allclose(kernel(qkv), reference(qkv), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(loss(kernel)(qkv)[1], loss(reference)(qkv)[1], atol=2e-5, rtol=1e-5)
 
 
 def test_cpu_kernel_build_failure_names_the_command(tmp_path, monkeypatch):
@@ -139,9 +151,14 @@ def test_cpu_kernels_unavailable_is_a_warning(tmp_path, monkeypatch):
 
 
 def test_cpu_kernel_rejects_what_it_cannot_run():
-    q = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"float32 .* got bfloat16\[1, 8, 2, 4\]"):
-        cpu_kernels.causal_attention(q, q, q)
+    sin = cos = jnp.zeros((8, 2))
+    qkv = jnp.zeros((1, 8, 3, 2, 4), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"float32 .* got bfloat16\[1, 8, 3, 2, 4\]"):
+        cpu_kernels.causal_attention(qkv, sin, cos)
+    with pytest.raises(ValueError, match=r"got float32\[1, 8, 2, 4\]"):  # q alone, not qkv
+        cpu_kernels.causal_attention(jnp.zeros((1, 8, 2, 4)), sin, cos)
+    with pytest.raises(ValueError, match=r"\[8, 2\]; got sin\[8, 4\]"):
+        cpu_kernels.causal_attention(qkv.astype(jnp.float32), jnp.zeros((8, 4)), cos)
 
 
 @pytest.mark.parametrize("shape", [(37, 70), (1, 5), (4096, 128)])

@@ -58,26 +58,25 @@ def test_sharded_forward_matches_one_device():
 
 def test_cpu_kernel_attention_under_a_mesh():
     """The C++ attention runs per device shard (shard_map over batch and heads) and matches
-    the reference causal attention in value and gradient on a (2, 2, 2) mesh."""
+    split + rotary + reference attention in value and gradient on a (2, 2, 2) mesh."""
     run_python("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding
-        from lm import cpu_kernels, sharding as S
+        from lm import cpu_kernels, model as M, sharding as S
 
         mesh = S.make_mesh((2, 2, 2))
-        spec = S.logical_to_spec(("batch", "length", "heads", "kv"), (4, 70, 4, 16), mesh)
-        q, k, v = (jax.device_put(x, NamedSharding(mesh, spec))
-                   for x in jax.random.normal(jax.random.key(0), (3, 4, 70, 4, 16)))
-        ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        loss = lambda fn: jax.jit(jax.value_and_grad(
-            lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)))
+        spec = S.logical_to_spec(("batch", "length", "qkv", "heads", "kv"), (4, 70, 3, 4, 16), mesh)
+        qkv = jax.device_put(jax.random.normal(jax.random.key(0), (4, 70, 3, 4, 16)),
+                             NamedSharding(mesh, spec))
+        sin, cos = M.rope_tables(jnp.arange(70), 16, 100.0)
+        kernel = lambda qkv: cpu_kernels.causal_attention(qkv, sin, cos)
+        ref = lambda qkv: jax.nn.dot_product_attention(*M.split_rope(qkv, sin, cos), is_causal=True)
+        loss = lambda fn: jax.jit(jax.value_and_grad(lambda qkv: jnp.sum(jnp.sin(fn(qkv)))))
         with jax.set_mesh(mesh):
-            jaxpr = str(jax.make_jaxpr(cpu_kernels.causal_attention)(q, k, v))
+            jaxpr = str(jax.make_jaxpr(kernel)(qkv))
             assert "shard_map" in jaxpr, jaxpr
-            (value, grads), (ref_value, ref_grads) = loss(cpu_kernels.causal_attention)(q, k, v), \\
-                loss(ref)(q, k, v)
-        assert grads[0].sharding.spec == spec, grads[0].sharding
+            (value, grad), (ref_value, ref_grad) = loss(kernel)(qkv), loss(ref)(qkv)
+        assert grad.sharding.spec == spec, grad.sharding
         np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-        for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(grad, ref_grad, atol=1e-5, rtol=1e-5)
     """, devices=8)
