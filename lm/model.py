@@ -8,7 +8,6 @@ compile time does not grow with depth. Parameters are float32; compute uses `mod
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -303,28 +302,10 @@ def _dense_cpu_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.
 _dense_cpu.defvjp(lambda x, w: (_dense_cpu(x, w), (x, w)), _dense_cpu_bwd)
 
 
-def recomputed(fn, static_argnums: tuple[int, ...] = ()):
-    """fn whose backward pass recomputes fn's intermediates from its inputs instead of keeping
-    them (`jax.checkpoint` saving nothing inside fn).
-
-    For the cheap elementwise step in front of a matmul (a norm, the activation): without it,
-    the step's input and its output are both saved for the backward pass, and the layer scan
-    stacks both for every layer (zero-fill, copy in, copy out); recomputing the output from
-    the input is one elementwise pass that the backward needs anyway.
-    """
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False,
-                          static_argnums=static_argnums)
-
-
-@functools.partial(recomputed, static_argnums=(3,))
-def norm_dense(x: jax.Array, scale: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """dense(rms_norm(x)), keeping x but not the normed x for the backward pass."""
-    return dense(rms_norm(x, scale, eps), w.astype(x.dtype))
-
-
 def qkv_proj(cfg, p: Params, x: jax.Array) -> jax.Array:
     """Normed input -> the fused projection qkv [batch, length, 3, heads, head_dim]."""
-    return norm_dense(x, p["attn_norm"], p["wqkv"], cfg.norm_eps)
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    return dense(h, p["wqkv"].astype(x.dtype))
 
 
 def split_rope(qkv: jax.Array, sin: jax.Array, cos: jax.Array):
@@ -335,15 +316,14 @@ def split_rope(qkv: jax.Array, sin: jax.Array, cos: jax.Array):
 
 
 def mlp(cfg, p: Params, x: jax.Array) -> jax.Array:
-    h = norm_dense(x, p["mlp_norm"], p["w_in"], cfg.norm_eps)  # [batch, length, (2,) d_ff]
-    return activation_dense(h, p["w_out"].astype(x.dtype), cfg.activation)
-
-
-@functools.partial(recomputed, static_argnums=(2,))
-def activation_dense(h: jax.Array, w: jax.Array, activation: str) -> jax.Array:
-    """dense(activation(h)), keeping h but not the activation's output for the backward pass."""
-    u = jax.nn.silu(h[:, :, 0]) * h[:, :, 1] if activation == "swiglu" else gelu(h)
-    return dense(constrain(u, ("batch", "length", "mlp")), w)
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    if cfg.activation == "swiglu":
+        gu = dense(h, p["w_in"].astype(x.dtype))  # [batch, length, 2, d_ff]
+        u = jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+    else:
+        u = gelu(dense(h, p["w_in"].astype(x.dtype)))
+    u = constrain(u, ("batch", "length", "mlp"))
+    return dense(u, p["w_out"].astype(x.dtype))
 
 
 def block(cfg, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
