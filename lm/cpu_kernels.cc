@@ -17,7 +17,8 @@
 //
 // Transpose: XLA:CPU fuses a transpose with its producer (the layer scan's slice of a saved
 // activation, say) into an elementwise loop that runs at 0.5-4 GB/s; the weight gradients of
-// the dense layers each need one. Here it is a cache-blocked copy, 2-4x faster.
+// the dense layers each need one. Here it moves whole vectors, transposing W x W blocks in
+// registers.
 //
 // Built by lm/cpu_kernels.py with the host's vector width.
 
@@ -29,6 +30,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -340,17 +342,48 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 sin, F32 cos, F32 o, F32 
   return ffi::Error::Success();
 }
 
-// out[j, i] = x[i, j] for a 2-D x, in TB x TB tiles (both in cache), row blocks in parallel.
+// Lane l of the first (second) output of stage K of the in-register transpose: stage K
+// swaps the off-diagonal K x K sub-blocks of every 2K x 2K block, between a row i (i & K = 0)
+// and row i + K. Indices below W pick from a, from W on from b.
+constexpr int stage_lane(int K, int l, bool second) {
+  return second ? ((l & K) ? W + l : l + K) : ((l & K) ? W + l - K : l);
+}
+
+template <int K, int... L>
+inline void stage(vec* v, std::integer_sequence<int, L...>) {
+  for (int i = 0; i < W; ++i)
+    if (!(i & K)) {
+      const vec a = v[i], b = v[i + K];
+      v[i] = __builtin_shufflevector(a, b, stage_lane(K, L, false)...);
+      v[i + K] = __builtin_shufflevector(a, b, stage_lane(K, L, true)...);
+    }
+}
+
+template <int K = W / 2>
+inline void transpose_registers(vec* v) {  // W vectors: rows -> columns
+  stage<K>(v, std::make_integer_sequence<int, W>{});
+  if constexpr (K > 1) transpose_registers<K / 2>(v);
+}
+
+// out[j, i] = x[i, j] for a 2-D x: W x W blocks transposed in registers (whole-vector loads
+// and stores), bands of BLK rows in parallel, so that each output row gets BLK contiguous
+// values per band; the ragged right and bottom edges element by element.
 ffi::Error Transpose(ffi::ThreadPool pool, F32 x, F32Out out) {
-  constexpr int64_t TB = 32;
   const int64_t rows = x.dimensions()[0], cols = x.dimensions()[1];
+  const int64_t full_rows = rows / W * W, full_cols = cols / W * W;
   const float* in = x.typed_data();
   float* o = out->typed_data();
-  parallel_for(pool, (rows + TB - 1) / TB, [&](int64_t block) {
-    const int64_t r0 = block * TB, r1 = std::min(rows, r0 + TB);
-    for (int64_t c0 = 0; c0 < cols; c0 += TB)
-      for (int64_t c = c0; c < std::min(cols, c0 + TB); ++c)
-        for (int64_t r = r0; r < r1; ++r) o[c * rows + r] = in[r * cols + c];
+  parallel_for(pool, (rows + BLK - 1) / BLK, [&](int64_t band) {
+    const int64_t r0 = band * BLK, r1 = std::min(rows, r0 + BLK), full_r1 = std::min(full_rows, r1);
+    for (int64_t c0 = 0; c0 < full_cols; c0 += W)
+      for (int64_t r = r0; r < full_r1; r += W) {
+        vec v[W];
+        for (int i = 0; i < W; ++i) v[i] = load(in + (r + i) * cols + c0);
+        transpose_registers(v);
+        for (int j = 0; j < W; ++j) store(o + (c0 + j) * rows + r, v[j]);
+      }
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = r < full_rows ? full_cols : 0; c < cols; ++c) o[c * rows + r] = in[r * cols + c];
   });
   return ffi::Error::Success();
 }

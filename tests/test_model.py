@@ -161,7 +161,7 @@ def test_cpu_kernel_rejects_what_it_cannot_run():
         cpu_kernels.causal_attention(qkv.astype(jnp.float32), jnp.zeros((8, 4)), cos)
 
 
-@pytest.mark.parametrize("shape", [(37, 70), (1, 5), (4096, 128)])
+@pytest.mark.parametrize("shape", [(37, 70), (1, 5), (16, 16), (64, 48), (4096, 128)])
 def test_cpu_kernel_transpose(shape):
     x = jax.random.normal(jax.random.key(0), shape)
     np.testing.assert_array_equal(jax.jit(cpu_kernels.transpose)(x), x.T)
