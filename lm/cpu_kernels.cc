@@ -132,8 +132,9 @@ struct Dims {
         Dp((qkv[4] + W - 1) / W * W) {}
   // offset of x[b, t, h, 0] in a [B, T, H, D] array
   int64_t at(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * D; }
-  // offset of x[b, 0, part, h, 0] in a [B, T, 3, H, D] array; rows are 3 * H * D apart
+  // offset of x[b, 0, part, h, 0] in a [B, T, 3, H, D] array, whose rows are qkv_row apart
   int64_t part(int64_t b, int64_t part, int64_t h) const { return ((b * T * 3 + part) * H + h) * D; }
+  int64_t qkv_row() const { return 3 * H * D; }
 };
 
 // One (batch, head) slice [T x D] of a strided array: row t starts at base + t * stride.
@@ -209,8 +210,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
 struct Qkv {
   Slice q, k, v;
   Qkv(const float* qkv, const Dims& d, int64_t b, int64_t h)
-      : q{qkv + d.part(b, 0, h), 3 * d.H * d.D}, k{qkv + d.part(b, 1, h), 3 * d.H * d.D},
-        v{qkv + d.part(b, 2, h), 3 * d.H * d.D} {}
+      : q{qkv + d.part(b, 0, h), d.qkv_row()}, k{qkv + d.part(b, 1, h), d.qkv_row()},
+        v{qkv + d.part(b, 2, h), d.qkv_row()} {}
 };
 
 void forward_item(const Dims& d, const float* qkv, Rope rope, float* o, float* lse,
@@ -310,13 +311,13 @@ void backward_item(const Dims& d, const float* qkv, Rope rope, const float* o,
       matmul<true, true>(BLK, Dp, BLK, dst, BLK, kp + kb * Dp, Dp, dqa + qb * Dp, Dp);
     }
     for (int r = 0; r < BLK && kb + r < d.T; ++r) {  // gradients of the unrotated k and v
-      const int64_t t = kb + r, row = t * 3 * d.H * d.D;
+      const int64_t t = kb + r, row = t * d.qkv_row();
       rope.rotate(dka + r * Dp, t, d.D, -1.f, scale, dqkv + d.part(b, 1, h) + row);
       std::copy(dva + r * Dp, dva + r * Dp + d.D, dqkv + d.part(b, 2, h) + row);
     }
   }
   for (int64_t t = 0; t < d.T; ++t)
-    rope.rotate(dqa + t * Dp, t, d.D, -1.f, scale, dqkv + d.part(b, 0, h) + t * 3 * d.H * d.D);
+    rope.rotate(dqa + t * Dp, t, d.D, -1.f, scale, dqkv + d.part(b, 0, h) + t * d.qkv_row());
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
