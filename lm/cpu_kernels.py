@@ -149,7 +149,7 @@ def causal_attention(qkv: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Arra
         return _attention(qkv, sin, cos)
     mesh = jax.sharding.get_abstract_mesh()
     spec = logical_to_spec(("batch", "length", "qkv", "heads", "kv"), qkv.shape, mesh)
-    out_spec = jax.sharding.PartitionSpec(*spec[:2], *spec[3:])
+    out_spec = P(*spec[:2], *spec[3:])  # the output has no qkv axis
     # check_vma off: the custom call's outputs are per shard, exactly as out_specs says
     return jax.shard_map(_attention, mesh=mesh, in_specs=(spec, P(), P()), out_specs=out_spec,
                          check_vma=False)(qkv, sin, cos)
