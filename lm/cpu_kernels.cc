@@ -101,20 +101,36 @@ inline void tile(const float* A, int64_t lda, const float* B, int64_t ldb, float
     for (int v = 0; v < NV; ++v) store(C + r * ldc + v * W, acc[r][v]);
 }
 
+// Which part of a product on a diagonal block (keys and queries at the same positions) can
+// be nonzero; the products skip the rest. Skipped output entries of a non-accumulating
+// product are left unwritten (the caller masks them), and skipped terms of an accumulating
+// one are those multiplying exact zeros (masked probabilities), so no value changes.
+enum class Causal {
+  kAll,         // not a diagonal block
+  kRowsNotAfterColumns,  // C [key, query]: tiles whose keys all follow their queries skipped
+  kInnerUpToRow,         // C [query, .] = sum over keys: keys after the tile's queries skipped
+  kInnerFromRow,         // C [key, .] = sum over queries: queries before the tile's keys skipped
+};
+
 template <int NV, bool ACC, bool TRANS_A>
 inline void tile_rows(int64_t M, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      float* C, int64_t ldc, int64_t K) {
-  for (int64_t m = 0; m < M; m += RT)
-    tile<NV, ACC, TRANS_A>(TRANS_A ? A + m : A + m * lda, lda, B, ldb, C + m * ldc, ldc, K);
+                      float* C, int64_t ldc, int64_t K, Causal causal, int64_t n) {
+  for (int64_t m = 0; m < M; m += RT) {
+    if (causal == Causal::kRowsNotAfterColumns && m >= n + NV * W) break;
+    const int64_t k0 = causal == Causal::kInnerFromRow ? m : 0,
+                  k1 = causal == Causal::kInnerUpToRow ? std::min(K, m + RT) : K;
+    tile<NV, ACC, TRANS_A>(TRANS_A ? A + k0 * lda + m : A + m * lda + k0, lda, B + k0 * ldb, ldb,
+                           C + m * ldc, ldc, k1 - k0);
+  }
 }
 
 template <bool ACC, bool TRANS_A = false>
 void matmul(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-            int64_t ldb, float* C, int64_t ldc) {
+            int64_t ldb, float* C, int64_t ldc, Causal causal = Causal::kAll) {
   int64_t n = 0;
   for (; n + 2 * W <= N; n += 2 * W)
-    tile_rows<2, ACC, TRANS_A>(M, A, lda, B + n, ldb, C + n, ldc, K);
-  for (; n < N; n += W) tile_rows<1, ACC, TRANS_A>(M, A, lda, B + n, ldb, C + n, ldc, K);
+    tile_rows<2, ACC, TRANS_A>(M, A, lda, B + n, ldb, C + n, ldc, K, causal, n);
+  for (; n < N; n += W) tile_rows<1, ACC, TRANS_A>(M, A, lda, B + n, ldb, C + n, ldc, K, causal, n);
 }
 
 // Column indices 0..W-1 of a vector, for the causal mask of diagonal blocks.
@@ -233,9 +249,11 @@ void forward_item(const Dims& d, const float* qkv, Rope rope, float* o, float* l
     std::fill(m, m + BLK, -std::numeric_limits<float>::infinity());
     std::fill(l, l + BLK, 0.f);
     for (int64_t kb = 0; kb <= qb; kb += BLK) {
-      matmul<false>(BLK, BLK, Dp, kp + kb * Dp, Dp, qt + qb, Tp, st, BLK);
+      const bool diagonal = kb == qb;
+      matmul<false>(BLK, BLK, Dp, kp + kb * Dp, Dp, qt + qb, Tp, st, BLK,
+                    diagonal ? Causal::kRowsNotAfterColumns : Causal::kAll);
       for (int c = 0; c < BLK; c += W) {  // queries qb + c .. qb + c + W - 1
-        if (kb == qb)  // the diagonal block: key r is after query c + i when r > c + i
+        if (diagonal)  // key r is after query c + i when r > c + i (skipped tiles included)
           for (int r = c + 1; r < BLK; ++r)
             store(st + r * BLK + c, splat(float(r)) > lanes + float(c) ? -inf : load(st + r * BLK + c));
         vec mx = load(m + c);
@@ -254,7 +272,8 @@ void forward_item(const Dims& d, const float* qkv, Rope rope, float* o, float* l
       }
       for (int r = 0; r < BLK; ++r)
         for (int64_t c = 0; c < Dp; c += W) store(acc + r * Dp + c, load(acc + r * Dp + c) * alpha[r]);
-      matmul<true, true>(BLK, Dp, BLK, st, BLK, vp + kb * Dp, Dp, acc, Dp);
+      matmul<true, true>(BLK, Dp, BLK, st, BLK, vp + kb * Dp, Dp, acc, Dp,
+                         diagonal ? Causal::kInnerUpToRow : Causal::kAll);
     }
     for (int r = 0; r < BLK && qb + r < d.T; ++r) {
       float* out = o + d.at(b, qb + r, h);
@@ -294,21 +313,29 @@ void backward_item(const Dims& d, const float* qkv, Rope rope, const float* o,
     std::fill(dva, dva + BLK * Dp, 0.f);
     for (int64_t qb = kb; qb < Tp; qb += BLK) {
       // key-major blocks [key, query]: st = k qᵀ (scaled), dpt = v doᵀ
-      matmul<false>(BLK, BLK, Dp, kp + kb * Dp, Dp, qt + qb, Tp, st, BLK);
-      matmul<false>(BLK, BLK, Dp, vp + kb * Dp, Dp, gt + qb, Tp, dpt, BLK);
+      const bool diagonal = qb == kb;
+      const Causal scores = diagonal ? Causal::kRowsNotAfterColumns : Causal::kAll;
+      matmul<false>(BLK, BLK, Dp, kp + kb * Dp, Dp, qt + qb, Tp, st, BLK, scores);
+      matmul<false>(BLK, BLK, Dp, vp + kb * Dp, Dp, gt + qb, Tp, dpt, BLK, scores);
       const vec lanes = lane_index();
       for (int r = 0; r < BLK; ++r) {
         for (int c = 0; c < BLK; c += W) {
-          vec p = vexp(load(st + r * BLK + c) - load(lse_p + qb + c));
-          if (qb == kb)  // the diagonal block: query c + i sees key r only when c + i >= r
-            p = lanes + float(c) < float(r) ? vec{} : p;
+          vec p = vexp(load(st + r * BLK + c) - load(lse_p + qb + c)),
+              ds = p * (load(dpt + r * BLK + c) - load(delta + qb + c));
+          if (diagonal) {  // query c + i sees key r only when c + i >= r (skipped tiles too)
+            const auto hidden = lanes + float(c) < float(r);
+            p = hidden ? vec{} : p;
+            ds = hidden ? vec{} : ds;
+          }
           store(pt + r * BLK + c, p);
-          store(dst + r * BLK + c, p * (load(dpt + r * BLK + c) - load(delta + qb + c)));
+          store(dst + r * BLK + c, ds);
         }
       }
-      matmul<true>(BLK, Dp, BLK, pt, BLK, gp + qb * Dp, Dp, dva, Dp);
-      matmul<true>(BLK, Dp, BLK, dst, BLK, qp + qb * Dp, Dp, dka, Dp);
-      matmul<true, true>(BLK, Dp, BLK, dst, BLK, kp + kb * Dp, Dp, dqa + qb * Dp, Dp);
+      const Causal by_key = diagonal ? Causal::kInnerFromRow : Causal::kAll;
+      matmul<true>(BLK, Dp, BLK, pt, BLK, gp + qb * Dp, Dp, dva, Dp, by_key);
+      matmul<true>(BLK, Dp, BLK, dst, BLK, qp + qb * Dp, Dp, dka, Dp, by_key);
+      matmul<true, true>(BLK, Dp, BLK, dst, BLK, kp + kb * Dp, Dp, dqa + qb * Dp, Dp,
+                         diagonal ? Causal::kInnerUpToRow : Causal::kAll);
     }
     for (int r = 0; r < BLK && kb + r < d.T; ++r) {  // gradients of the unrotated k and v
       const int64_t t = kb + r, row = t * d.qkv_row();
