@@ -106,7 +106,7 @@ inline void tile(const float* A, int64_t lda, const float* B, int64_t ldb, float
 // product are left unwritten (the caller masks them), and skipped terms of an accumulating
 // one are those multiplying exact zeros (masked probabilities), so no value changes.
 enum class Causal {
-  kAll,         // not a diagonal block
+  kAll,                  // not a diagonal block
   kRowsNotAfterColumns,  // C [key, query]: tiles whose keys all follow their queries skipped
   kInnerUpToRow,         // C [query, .] = sum over keys: keys after the tile's queries skipped
   kInnerFromRow,         // C [key, .] = sum over queries: queries before the tile's keys skipped
