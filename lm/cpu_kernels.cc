@@ -377,13 +377,21 @@ constexpr int stage_lane(int K, int l, bool second) {
   return second ? ((l & K) ? W + l : l + K) : ((l & K) ? W + l - K : l);
 }
 
+// Lanes of a and b picked by constant indices: clang's builtin, also in GCC since 12; older
+// GCC (11 is Ubuntu 22.04's) has its own with a mask vector.
+#if defined(__clang__) || __GNUC__ >= 12
+#define LM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define LM_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, ivec{__VA_ARGS__})
+#endif
+
 template <int K, int... L>
 inline void stage(vec* v, std::integer_sequence<int, L...>) {
   for (int i = 0; i < W; ++i)
     if (!(i & K)) {
       const vec a = v[i], b = v[i + K];
-      v[i] = __builtin_shufflevector(a, b, stage_lane(K, L, false)...);
-      v[i + K] = __builtin_shufflevector(a, b, stage_lane(K, L, true)...);
+      v[i] = LM_SHUFFLE(a, b, stage_lane(K, L, false)...);
+      v[i + K] = LM_SHUFFLE(a, b, stage_lane(K, L, true)...);
     }
 }
 
