@@ -79,16 +79,14 @@ def _reference_attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
-def _assert_attention_matches_reference(fn, q, k, v):
-    """Values and the gradients of a non-linear loss equal the reference causal attention
-    (to float32 rounding: 2e-5 absolute, 1e-5 relative)."""
-    def loss(fn, q, k, v):
-        return jnp.sum(jnp.sin(fn(q, k, v)))
+def _assert_attention_matches(fn, reference, *args):
+    """fn's values and the gradients of a non-linear loss with respect to every argument equal
+    the reference's (to float32 rounding: 2e-5 absolute, 1e-5 relative)."""
+    def grads(fn):
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args))))(*args)
 
-    np.testing.assert_allclose(fn(q, k, v), _reference_attention(q, k, v), atol=2e-5, rtol=1e-5)
-    for got, want in zip(jax.grad(loss, argnums=(1, 2, 3))(fn, q, k, v),
-                         jax.grad(loss, argnums=(1, 2, 3))(_reference_attention, q, k, v),
-                         strict=True):
+    np.testing.assert_allclose(fn(*args), reference(*args), atol=2e-5, rtol=1e-5)
+    for got, want in zip(grads(fn), grads(reference), strict=True):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
@@ -96,8 +94,8 @@ def _assert_attention_matches_reference(fn, q, k, v):
 def test_blockwise_attention_matches_full_attention(length, block):
     """Values and gradients equal the reference causal attention, also for a ragged last block."""
     q, k, v = jax.random.normal(jax.random.key(length), (3, 2, length, 3, 8))
-    _assert_attention_matches_reference(
-        lambda q, k, v: model_lib.blockwise_causal_attention(q, k, v, block), q, k, v)
+    _assert_attention_matches(lambda q, k, v: model_lib.blockwise_causal_attention(q, k, v, block),
+                              _reference_attention, q, k, v)
 
 
 @pytest.mark.parametrize("batch,length,heads,dim", [
@@ -113,15 +111,9 @@ def test_cpu_kernel_attention_matches_full_attention(batch, length, heads, dim):
     qkv = 2 * jax.random.normal(jax.random.key(length), (batch, length, 3, heads, dim))
     sin, cos = model_lib.rope_tables(jnp.arange(length), dim, 100.0)
 
-    def reference(qkv):
-        return _reference_attention(*model_lib.split_rope(qkv, sin, cos))
-
-    def loss(fn):
-        return jax.value_and_grad(lambda qkv: jnp.sum(jnp.sin(fn(qkv))))
-
-    kernel = jax.jit(lambda qkv: cpu_kernels.causal_attention(qkv, sin, cos))
-    np.testing.assert_allclose(kernel(qkv), reference(qkv), atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(loss(kernel)(qkv)[1], loss(reference)(qkv)[1], atol=2e-5, rtol=1e-5)
+    _assert_attention_matches(jax.jit(lambda qkv: cpu_kernels.causal_attention(qkv, sin, cos)),
+                              lambda qkv: _reference_attention(*model_lib.split_rope(qkv, sin, cos)),
+                              qkv)
 
 
 def test_cpu_kernel_build_failure_names_the_command(tmp_path, monkeypatch):
