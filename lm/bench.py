@@ -18,9 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs.train import get_config
 from lm import sharding
 from lm.config import ATTENTION, validate
+from lm.config import defaults as get_config
 from lm.host import setup_process
 from lm.metrics import device_peak_flops
 from lm.sizing import count_params, flops_per_token, flops_per_token_palm

@@ -1,4 +1,5 @@
-"""Validation of a run's ConfigDict: every bad value is rejected before anything compiles."""
+"""The run config: every field with its default (`defaults`), and its validation, which rejects
+every bad value before anything compiles."""
 
 from __future__ import annotations
 
@@ -11,10 +12,94 @@ import ml_collections
 ACTIVATIONS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-ATTENTION = ("auto", "kernel", "blockwise", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "blockwise")
+KERNELS = ("auto", "xla")
+BYTE_VOCAB_SIZE = 257  # the byte tokenizer: 256 byte values + EOS
 SCHEDULES = ("cosine", "wsd", "constant")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
 LR_RULES = ("constant", "inverse_width")
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """Transformer shape and numerics, every field with its default."""
+    m = ml_collections.ConfigDict()
+    m.vocab_size = BYTE_VOCAB_SIZE
+    m.d_model = 64
+    m.n_layers = 2
+    m.n_heads = 4
+    m.head_dim = 0  # 0 -> d_model // n_heads
+    m.d_ff = 256
+    m.activation = "gelu"  # "gelu" or "swiglu"
+    m.tied_embeddings = False
+    m.rope_theta = 10_000.0
+    m.norm_eps = 1e-6
+    m.init_std = 0.02
+    m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+    m.remat = "none"  # "none", "full" (recompute each block) or "dots" (save matmul outputs)
+    m.attention = "auto"  # "auto" (JAX picks; cuDNN on GPUs where it applies), "xla", "cudnn", "blockwise"
+    # "auto": the CPU kernels of lm.kernels when the backend is CPU; "xla": plain JAX everywhere
+    m.kernels = "auto"
+    # Layers run in a lax.scan (compile time flat in depth); unrolling compiles each layer
+    # separately and, since the CPU attention/GELU changes, is no faster (docs/benchmarks.md).
+    m.unroll_layers = False
+    return m
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """A whole run config: every field the code reads, with its default (configs/ override them)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_defaults()
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "stdlib"  # embedded corpus; "folder" (text_dir) or any tfds name
+    c.data.text_dir = ""
+    c.data.data_dir = ""  # "" -> $LM_DATA_DIR, else $LM_CACHE_DIR/data (~/.cache/lm/data)
+    c.data.text_key = "text"
+    c.data.tokenizer = "bytes"  # or "sentencepiece"
+    c.data.sp_vocab_size = 4096
+    c.data.tokenizer_path = ""  # an existing SentencePiece .model (e.g. a run's tokenizer.model)
+    c.data.seq_len = 128
+    c.data.batch_size = 16  # global, all processes
+    c.data.seed = 0
+    c.data.eval_batches = 8
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.peak_lr = 3e-3
+    c.optim.lr_rule = "constant"  # "constant" or "inverse_width": lr = peak_lr * base_width / d_model
+    c.optim.base_width = 128
+    c.optim.max_lr = 2e-2  # cap applied after the width rule
+    c.optim.schedule = "cosine"  # "cosine", "wsd" or "constant"
+    c.optim.warmup_frac = 0.05
+    c.optim.warmup_steps = 0  # > 0 overrides warmup_frac (WSD branches share the trunk's warmup)
+    c.optim.final_frac = 0.1  # cosine ends at final_frac * peak
+    c.optim.cooldown_frac = 0.2  # wsd: fraction of steps spent cooling down to 0
+    c.optim.cooldown_shape = "linear"  # wsd: "linear" or "1-sqrt"
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.decay_embeddings = False
+    c.optim.clip_norm = 1.0
+    c.optim.z_loss = 0.0  # coefficient of log(Z)^2 added to the loss
+
+    c.train = ml_collections.ConfigDict()
+    c.train.tokens = 1_000_000  # training horizon; steps = tokens // (batch_size * seq_len)
+    c.train.steps = 0  # > 0 overrides tokens
+    c.train.microbatches = 1  # gradient accumulation
+    c.train.log_every = 25
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.save_steps = ()  # extra checkpoints kept for good (e.g. WSD branch points)
+    c.train.init_from = ""  # start from this run directory's checkpoint ...
+    c.train.init_step = -1  # ... at this step (-1: its latest) ...
+    c.train.init_mode = "params"  # ... taking its "params" (fine-tune) or its whole "state"
+    #   (params, optimizer state and step: a branch that continues that run, e.g. a WSD cooldown)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 = the rest of the devices
+    return c
 
 
 class ConfigError(ValueError):
@@ -55,9 +140,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     _choice(m, "model", "dtype", DTYPES)
     _choice(m, "model", "remat", REMAT)
     _choice(m, "model", "attention", ATTENTION)
-    if m.attention == "kernel" and m.dtype != "float32":
-        fail("model.attention", m.attention, "the CPU kernel is float32 only: use model.dtype="
-             "'float32' or model.attention='auto' or 'blockwise'")
+    _choice(m, "model", "kernels", KERNELS)
     if not isinstance(m.unroll_layers, bool):
         fail("model.unroll_layers", m.unroll_layers, "must be True or False")
     for name in ("rope_theta", "norm_eps", "init_std"):

@@ -1,17 +1,44 @@
-"""Atomic file writes: a temp file in the same directory, fsync, then rename.
+"""Paths, caches and writes that several processes may race on.
 
-Readers (and a job killed mid-write) never see half a file: results, configs, tokenizers and
-caches are either the old version or the new one.
+Every file is written to a temporary sibling, fsynced, then renamed, so readers (and a job
+killed mid-write) see the old version or the new one, never half a file; `file_lock` makes
+concurrent builders of one cache wait for the first instead of duplicating its work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import ml_collections
+import numpy as np
+
+COPY_STEP = 1 << 24  # elements copied at a time from a raw stream into its .npy
+
+
+def cache_root() -> Path:
+    """The one cache root: $LM_CACHE_DIR, else ~/.cache/lm (kernels, CPU peak, default data)."""
+    return Path(os.environ.get("LM_CACHE_DIR", Path.home() / ".cache" / "lm")).expanduser()
+
+
+def run_dir(sweep_dir: str | Path, name: str) -> Path:
+    """The workdir of run `name` in a sweep."""
+    return Path(sweep_dir) / "runs" / name
+
+
+def config_from_json(obj: dict) -> ml_collections.ConfigDict:
+    """A run config read back from JSON (config.json, plan.json): tuples restored."""
+    config = ml_collections.ConfigDict(obj)
+    config.mesh.shape = tuple(config.mesh.shape)
+    config.train.save_steps = tuple(config.train.save_steps)
+    return config
 
 
 def temporary_path(path: Path, suffix: str = ".tmp") -> Path:
@@ -48,3 +75,46 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Strict JSON (NaN -> null), sorted keys, written atomically."""
     text = json.dumps(_strict(obj), indent=2, sort_keys=True, allow_nan=False)
     write_bytes_atomic(path, text.encode())
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `<path>.lock` (created with its folder) for the block."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_array_atomic(path: Path, chunks: Iterable[np.ndarray], dtype: np.dtype) -> int:
+    """Stream 1-D chunks into the flat .npy `path` without holding them all; returns its length."""
+    raw, npy = temporary_path(path, ".raw"), temporary_path(path, ".npy")
+    try:
+        n = 0
+        with open(raw, "wb") as f:
+            for chunk in chunks:
+                chunk = np.asarray(chunk, dtype=dtype)
+                chunk.tofile(f)
+                n += chunk.size
+        out = np.lib.format.open_memmap(npy, mode="w+", dtype=dtype, shape=(n,))
+        if n:
+            src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
+            for i in range(0, n, COPY_STEP):
+                out[i:i + COPY_STEP] = src[i:i + COPY_STEP]
+            del src
+        out.flush()
+        del out
+        os.replace(npy, path)
+        return n
+    finally:
+        raw.unlink(missing_ok=True)
+        npy.unlink(missing_ok=True)
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A memory-mapped, read-only view of a .npy file (pages are read on demand)."""
+    return np.asarray(np.load(path, mmap_mode="r"))

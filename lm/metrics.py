@@ -12,17 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm.files import write_bytes_atomic, write_json_atomic
+from lm.files import cache_root, write_bytes_atomic, write_json_atomic
 
 # Dense bf16 peak FLOP/s per device (the sparse figures are twice these).
 PEAK_FLOPS = {
     "h100": 989e12, "h200": 989e12, "gh200": 989e12, "a100": 312e12,
     "tpu v4": 275e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LM_CACHE_DIR", Path.home() / ".cache" / "lm"))
 
 
 def measure_cpu_peak(n: int = 1024, repeats: int = 10) -> float:
@@ -48,7 +44,7 @@ def device_peak_flops(device: jax.Device | None = None) -> float:
     if device.platform != "cpu":
         return float("nan")  # unknown accelerator: MFU is reported as NaN, not guessed
     key = f"{platform.node()}-{platform.processor() or platform.machine()}-{os.cpu_count()}"
-    path = cache_dir() / "cpu_peak.json"
+    path = cache_root() / "cpu_peak.json"
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key not in cached:
         cached[key] = measure_cpu_peak()

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import ml_collections
 
-from configs.train import model_config
-from lm.config import head_dim
+from lm.config import head_dim, model_defaults
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def shape_for_params(
             f" ffn_ratio={ffn_ratio}): all must be positive")
     if count not in ("total", "non_embedding"):
         raise ValueError(f"count={count!r}: must be 'total' or 'non_embedding'")
-    base = base if base is not None else model_config()
+    base = base if base is not None else model_defaults()
     swiglu = base.activation == "swiglu"
     ratio = ffn_ratio * (2 / 3 if swiglu else 1)
     log_tol = math.log1p(tolerance)
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab_size", type=int, default=257)
     parser.add_argument("--activation", choices=("gelu", "swiglu"), default="gelu")
     args = parser.parse_args(argv)
-    base = model_config()
+    base = model_defaults()
     base.vocab_size, base.activation = args.vocab_size, args.activation
     print(f"{'target':>9} {'d_model':>7} {'layers':>6} {'heads':>5} {'d_ff':>6} {'N':>12} "
           f"{'N non-emb':>12} {'FLOPs/token':>12} {'/ 6N':>6}")

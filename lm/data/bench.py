@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from configs.train import get_config
+from lm.config import defaults as get_config
 from lm.data.dataset import build_dataset
 
 

@@ -20,13 +20,12 @@ import ml_collections
 import numpy as np
 
 from lm.data import pipeline
-from lm.data.cache import file_lock, load_array, write_array_atomic
 from lm.data.errors import DataError
 from lm.data.settings import TOKENIZERS, fail
 from lm.data.sources import Corpus, open_corpus
 from lm.data.splits import TRAIN
 from lm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
-from lm.files import write_json_atomic
+from lm.files import file_lock, load_array, write_array_atomic, write_json_atomic
 
 SP_SAMPLE_BYTES = 8 << 20  # SentencePiece trains on this much train text: a few seconds
 READ_CHUNK = 512  # documents read and tokenized together

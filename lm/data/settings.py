@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import ml_collections
 
 from lm.data.errors import DataError
+from lm.files import cache_root
 
 TOKENIZERS = ("bytes", "sentencepiece")
 EMBEDDED = "stdlib"  # the corpus made from the interpreter's standard library
@@ -27,8 +28,9 @@ def fail(field: str, value: Any, allowed: str) -> NoReturn:
 
 
 def data_root(data_cfg: ml_collections.ConfigDict) -> Path:
-    """Where datasets, tokenizers and token caches live: data.data_dir, $LM_DATA_DIR or ~/.cache/lm."""
-    root = data_cfg.data_dir or os.environ.get("LM_DATA_DIR") or "~/.cache/lm"
+    """Where datasets, tokenizers and token caches live: data.data_dir, $LM_DATA_DIR, else the
+    `data` folder of the cache root."""
+    root = data_cfg.data_dir or os.environ.get("LM_DATA_DIR") or cache_root() / "data"
     return Path(root).expanduser().absolute()
 
 

@@ -18,13 +18,13 @@ import ml_collections
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import file_adapters, read_only_builder, registered
 
-from lm.data.cache import file_lock
 from lm.data.corpus import FILE_FORMAT
 from lm.data.errors import DataError
 from lm.data.settings import EMBEDDED, FOLDER, data_root
 from lm.data.splits import TRAIN
 from lm.data.stdlib_corpus import stdlib_builder
 from lm.data.text_folder import text_folder_builder
+from lm.files import file_lock
 
 EVAL_SPLITS = ("validation", "test")  # the held-out split: the first of these that exists
 CACHE_DIR = "lm_cache"  # under data_dir: tokenizers and token caches, per dataset
@@ -104,7 +104,7 @@ def _prepare_hint(name: str, root: Path) -> str:
             f"  tfds.builder({name!r}, data_dir={str(root)!r}).download_and_prepare("
             f"file_format={FILE_FORMAT!r})\n"
             f"(tfds 4.9.10 also needs `pip install importlib_resources` for this; data_dir comes "
-            f"from config.data.data_dir, else $LM_DATA_DIR, else ~/.cache/lm; {EMBEDDED!r} and "
+            f"from config.data.data_dir, else $LM_DATA_DIR, else $LM_CACHE_DIR/data; {EMBEDDED!r} and "
             f"{FOLDER!r} need no preparation)")
 
 
