@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lm.files import temporary_path
 from lm.files import cache_root as cache_dir
+from lm.files import temporary_path
 from lm.sharding import logical_to_spec
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")

@@ -99,8 +99,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return _mesh_size(mesh, RULES["batch"])
+def data_parallel_size(shape: Sequence[int], n_devices: int) -> int:
+    """Devices a batch is split over (the mesh axes of logical `batch`) for a mesh.shape config."""
+    sizes = dict(zip(MESH_AXES, mesh_shape(shape, n_devices), strict=True))
+    return math.prod(sizes[a] for a in RULES["batch"])
 
 
 def describe(mesh: Mesh) -> str:

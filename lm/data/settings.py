@@ -5,9 +5,7 @@ Nothing here builds or reads a dataset, so `validate_data_config` can run before
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,6 +13,7 @@ import ml_collections
 
 from lm.data.errors import DataError
 from lm.files import cache_root
+from lm.sharding import data_parallel_size
 
 TOKENIZERS = ("bytes", "sentencepiece")
 EMBEDDED = "stdlib"  # the corpus made from the interpreter's standard library
@@ -41,13 +40,6 @@ def expected_vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
     if data_cfg.tokenizer == "sentencepiece":
         return data_cfg.sp_vocab_size
     fail("data.tokenizer", data_cfg.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
-
-
-def data_parallel_size(mesh_shape: Sequence[int], n_devices: int) -> int:
-    """Devices along the ("data", "fsdp") axes of a (data, fsdp, tensor) shape; -1 takes the rest."""
-    fixed = math.prod(s for s in mesh_shape if s != -1)
-    rest = n_devices // max(fixed, 1)
-    return math.prod(rest if s == -1 else s for s in tuple(mesh_shape)[:2])
 
 
 def _positive_int(data_cfg: ml_collections.ConfigDict, name: str) -> None:
