@@ -23,19 +23,10 @@ def make_eval_step(graphdef):
     """params, batch [B, T+1] -> summed next-token loss per window [B] (float32)."""
 
     def step(params, batch):
-        logits = model_lib.apply(graphdef, params, batch[:, :-1]).astype(jnp.float32)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
-        return jnp.sum(log_z - target, axis=-1)
+        logits = model_lib.apply(graphdef, params, batch[:, :-1])
+        return jnp.sum(model_lib.token_nll(logits, batch[:, 1:])[0], axis=-1)
 
     return step
-
-
-def count_bytes(tokenizer, targets: np.ndarray) -> int:
-    """UTF-8 bytes the target tokens stand for: exact for bytes, decoded text otherwise."""
-    if tokenizer.vocab_size == 257 and tokenizer.eos_id == 256:  # the byte tokenizer
-        return int(np.sum(targets < 256))
-    return sum(len(tokenizer.decode(row).encode("utf-8")) for row in targets)
 
 
 def summarize(window_losses: np.ndarray, tokens_per_window: int, n_bytes: int) -> dict[str, Any]:
@@ -75,7 +66,7 @@ def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None =
         ds.train_batch(k) for k in range(config.data.eval_batches))
     for batch in batches:
         losses.append(np.asarray(eval_step(params, jnp.asarray(batch))))
-        n_bytes += count_bytes(ds.tokenizer, batch[:, 1:])
+        n_bytes += sum(ds.tokenizer.count_bytes(row) for row in batch[:, 1:])
     result = summarize(np.concatenate(losses), config.data.seq_len, n_bytes)
     result.update(step=step, dataset=config.data.dataset, split=split)
     write_json_atomic(workdir / "eval.json", result)
@@ -94,10 +85,10 @@ def main(argv: list[str]) -> None:
     flags.mark_flags_as_required(["workdir"])
 
     def run(_):
-        from lm.host import setup_process
+        from lm.process import setup
 
         f = flags.FLAGS
-        setup_process()
+        setup()
         try:
             r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split, f.text_dir)
         except (FileNotFoundError, ValueError) as e:

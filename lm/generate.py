@@ -126,9 +126,9 @@ def main(argv: list[str]) -> None:
     def run(_):
         from lm.checkpoint import load_run
         from lm.data import get_tokenizer
-        from lm.host import setup_process
+        from lm.process import setup
 
-        setup_process()
+        setup()
         f = flags.FLAGS
         try:
             config, graphdef, params, step = load_run(f.workdir, f.step)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from configs.train import get_config
-from lm.host import retain_freed_memory
+from lm.kernels import configure_host
 
-retain_freed_memory()  # as every entry point does: the CPU step's temporaries stay mapped
+configure_host()  # as every entry point does on CPU: the step's temporaries stay mapped
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +36,7 @@ def tiny_model():
 
     m = model_config()
     m.d_model, m.n_layers, m.n_heads, m.d_ff = 32, 2, 2, 64
+    m.kernels = "xla"  # the accelerator path; the CPU kernels are held to it in test_model.py
     return m
 
 
@@ -61,6 +62,7 @@ def make_config(data_dir: Path):
     """The tiny byte-level model every training test starts from."""
     c = get_config()
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = 32, 2, 2, 64
+    c.model.kernels = "xla"  # what GPUs and TPUs run
     c.data.data_dir = str(data_dir)
     c.data.seq_len, c.data.batch_size, c.data.eval_batches = 32, 8, 2
     c.train.steps, c.train.log_every, c.train.eval_every, c.train.checkpoint_every = STEPS, 10, 100, 50

@@ -1,8 +1,10 @@
-"""validate_data_config: every bad data setting fails up front, naming the field, without building."""
+"""validate_data_config: every bad data setting fails up front (a ConfigError naming the field), without
+building anything."""
 
 import pytest
 
 from configs.train import get_config
+from lm.config import ConfigError
 from lm.data import DataError, expected_vocab_size, validate_data_config
 
 
@@ -16,6 +18,10 @@ def config(tmp_path):
 def test_defaults_pass_without_touching_the_data_dir(config, tmp_path):
     validate_data_config(config, n_devices=1)
     assert not (tmp_path / "never-created").exists()
+
+
+def test_data_errors_are_config_errors():
+    assert issubclass(DataError, ConfigError) and issubclass(ConfigError, ValueError)
 
 
 def test_expected_vocab_size_needs_no_build(config):
@@ -35,22 +41,22 @@ def test_expected_vocab_size_needs_no_build(config):
 ])
 def test_bad_data_fields(config, field, value, message):
     config.data[field] = value
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(ConfigError, match=message):
         validate_data_config(config, n_devices=1)
 
 
 def test_folder_needs_text_dir(config):
     config.data.dataset = "folder"
-    with pytest.raises(DataError, match=r"data.text_dir = '' .*folder"):
+    with pytest.raises(ConfigError, match=r"data.text_dir = '' .*folder"):
         validate_data_config(config, n_devices=1)
 
 
 def test_model_vocab_must_match_tokenizer(config):
     config.model.vocab_size = 256
-    with pytest.raises(DataError, match=r"'bytes' has 257 ids; set model.vocab_size = 257"):
+    with pytest.raises(ConfigError, match=r"'bytes' has 257 ids; set model.vocab_size = 257"):
         validate_data_config(config, n_devices=1)
     config.data.tokenizer, config.data.sp_vocab_size = "sentencepiece", 2048
-    with pytest.raises(DataError, match=r"model.vocab_size = 256 .*set model.vocab_size = 2048"):
+    with pytest.raises(ConfigError, match=r"model.vocab_size = 256 .*set model.vocab_size = 2048"):
         validate_data_config(config, n_devices=1)
     config.model.vocab_size = 2048
     validate_data_config(config, n_devices=1)
@@ -58,7 +64,7 @@ def test_model_vocab_must_match_tokenizer(config):
 
 def test_sentencepiece_vocab_too_small(config):
     config.data.tokenizer, config.data.sp_vocab_size, config.model.vocab_size = "sentencepiece", 100, 100
-    with pytest.raises(DataError, match=r"data.sp_vocab_size = 100 .*at least 259"):
+    with pytest.raises(ConfigError, match=r"data.sp_vocab_size = 100 .*at least 259"):
         validate_data_config(config, n_devices=1)
 
 
@@ -74,7 +80,7 @@ def test_batch_divisible_by_data_parallel_size(config, mesh, n_devices, batch, o
     if ok:
         validate_data_config(config, n_devices=n_devices)
     else:
-        with pytest.raises(DataError, match=rf"data.batch_size = {batch} .*data-parallel size 4"):
+        with pytest.raises(ConfigError, match=rf"data.batch_size = {batch} .*data-parallel size 4"):
             validate_data_config(config, n_devices=n_devices)
 
 

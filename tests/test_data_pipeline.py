@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lm.config import ConfigError
 from lm.data import DataError, build_dataset, to_global
-from lm.data.splits import unit_hash
+from lm.data.sources import unit_hash
 
 from .conftest import ROOT, data_config, run_python
 
@@ -81,7 +82,7 @@ def test_processes_read_disjoint_rows_of_the_global_batch(stdlib):
         assert np.array_equal(np.concatenate(parts), whole)
         quarters = [stdlib.train_batch(step, p, 4) for p in range(4)]
         assert np.array_equal(np.concatenate(quarters), whole)
-    with pytest.raises(DataError, match="divisible by the 3 processes"):
+    with pytest.raises(ConfigError, match="divisible by the 3 processes"):
         stdlib.train_batch(0, 0, 3)
     with pytest.raises(DataError, match="process_index = 2"):
         stdlib.train_batch(0, 2, 2)

@@ -7,9 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from lm.data import DataError, build_dataset
-from lm.data.corpus import SplitCorpus
-from lm.data.sources import open_corpus
-from lm.data.splits import unit_hash
+from lm.data.sources import SplitCorpus, open_corpus, unit_hash
 
 from .conftest import data_config
 

@@ -7,6 +7,7 @@ import pytest
 
 import lm.data.dataset as dataset_lib
 from configs.train import get_config
+from lm.config import ConfigError
 from lm.data import ByteTokenizer, DataError, get_tokenizer
 
 
@@ -25,6 +26,7 @@ def test_bytes_round_trip_any_text():
         assert tok.decode(ids) == text
     assert (tok.vocab_size, tok.eos_id) == (257, 256)
     assert tok.encode("é").tolist() == [0xC3, 0xA9]
+    assert tok.count_bytes(np.array([0xC3, 0xA9, tok.eos_id, 0x41])) == 3  # EOS stands for no text
 
 
 def test_bytes_decode_is_total():
@@ -59,6 +61,7 @@ def test_sentencepiece_trains_round_trips_and_is_reused(sp_config, monkeypatch):
                random_text(rng, 300)]
     for text in samples:
         assert tok.decode(tok.encode(text)) == text
+        assert tok.count_bytes(np.append(tok.encode(text), tok.eos_id)) == len(text.encode("utf-8"))
     assert len(tok.encode("alpha beta gamma delta")) < len("alpha beta gamma delta") / 2
     assert tok.decode([*tok.encode("ab"), tok.eos_id, 5000]) == "ab\ufffd"
 
@@ -90,12 +93,12 @@ def test_tokenizer_path_reuses_a_trained_model_on_other_text(sp_config, tmp_path
     reused = get_tokenizer(sp_config)
     assert reused.name == trained.name
     sp_config.sp_vocab_size = 512
-    with pytest.raises(DataError, match=r"data.sp_vocab_size = 512 .* 320 pieces of data.tokenizer_path"):
+    with pytest.raises(ConfigError, match=r"data.sp_vocab_size = 512 .* 320 pieces of data.tokenizer_path"):
         get_tokenizer(sp_config)
     c = get_config()
     c.data.tokenizer_path = str(trained.path)
-    with pytest.raises(DataError, match=r"data.tokenizer_path .* but data.tokenizer = 'bytes'"):
+    with pytest.raises(ConfigError, match=r"data.tokenizer_path .* but data.tokenizer = 'bytes'"):
         validate_data_config(c, n_devices=1)
     c.data.update(tokenizer="sentencepiece", tokenizer_path=str(tmp_path / "missing.model"))
-    with pytest.raises(DataError, match=r"must be an existing SentencePiece .model file"):
+    with pytest.raises(ConfigError, match=r"must be an existing SentencePiece .model file"):
         validate_data_config(c, n_devices=1)

@@ -6,7 +6,7 @@ from tests.conftest import run_python
 
 FAULTS = """
 import resource
-from lm.host import retain_freed_memory
+from lm.kernels.memory import retain_freed_memory
 print(retain_freed_memory())
 import jax, jax.numpy as jnp
 f = jax.jit(lambda a: a * 2.0)
@@ -35,24 +35,37 @@ def test_retained_memory_is_not_faulted_in_again(retain):
 
 BOUND = """
 import numpy as np
-from lm.host import RetainedMemoryBound, resident_bytes, retain_freed_memory
+from lm.kernels.memory import MemoryBound, retain_freed_memory
 print(retain_freed_memory())
-bound = RetainedMemoryBound()
-bound.check()  # baseline
+bound = MemoryBound(factor=2.0, minimum=64 << 20)
+work = np.ones(1 << 24, np.float32)  # 64 MiB in use
 steady = bound.check()
-big = np.ones(1 << 26, np.float32)  # 256 MiB from the heap
-keep = np.ones(1 << 10, np.float32)  # allocated after it: the freed block is a hole, not the top
-del big
-held = resident_bytes()  # freed but retained
+del work
+after_step = bound.check()  # one working set free: kept
+blocks = [np.ones(1 << 24, np.float32) for _ in range(4)]  # 256 MiB, then freed: a hole
+keep = np.ones(1 << 10, np.float32)  # allocated after them: the freed blocks are not the top
+bound.peak_in_use = 64 << 20  # as if the process had only ever used 64 MiB
+del blocks
 trimmed = bound.check()
-print(steady, trimmed, (held - resident_bytes()) >> 20, bound.trims)
+print(steady, after_step, trimmed, bound.trims)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_retained_memory_is_bounded():
-    """Freed memory stays resident until RSS passes twice the first check's; then it is
-    handed back (a fragmented heap cannot grow the process without bound)."""
-    applied, steady, trimmed, released_mib, trims = run_python(BOUND).stdout.split()
-    assert applied == "True" and steady == "False" and trimmed == "True" and trims == "1"
-    assert int(released_mib) >= 200
+    """Free memory up to a working set stays with the process; a heap holding more than twice
+    the largest in-use size ever seen is trimmed (a fragmented heap cannot grow without bound)."""
+    applied, steady, after_step, trimmed, trims = run_python(BOUND).stdout.split()
+    assert applied == "True" and steady == "False" and after_step == "False"
+    assert trimmed == "True" and trims == "1"
+
+
+def test_cpu_process_retains_memory_within_a_bound():
+    """configure_host, in a CPU process, retains freed memory and starts the bound's thread."""
+    out = run_python("""
+        import threading
+        from lm import kernels
+        kernels.configure_host()
+        print(any(t.name == "lm-memory-bound" for t in threading.enumerate()))
+    """)
+    assert out.stdout.split()[-1] == ("True" if platform.libc_ver()[0] == "glibc" else "False")

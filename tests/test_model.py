@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import cpu_kernels
+from lm import attention, kernels
 from lm import model as model_lib
+from lm.kernels import cpu
 from lm.sizing import count_params
 
 
@@ -94,7 +95,7 @@ def _assert_attention_matches(fn, reference, *args):
 def test_blockwise_attention_matches_full_attention(length, block):
     """Values and gradients equal the reference causal attention, also for a ragged last block."""
     q, k, v = jax.random.normal(jax.random.key(length), (3, 2, length, 3, 8))
-    _assert_attention_matches(lambda q, k, v: model_lib.blockwise_causal_attention(q, k, v, block),
+    _assert_attention_matches(lambda q, k, v: attention.blockwise_causal_attention(q, k, v, block),
                               _reference_attention, q, k, v)
 
 
@@ -105,26 +106,21 @@ def test_blockwise_attention_matches_full_attention(length, block):
     (3, 1, 1, 4),      # a single position
 ])
 def test_cpu_kernel_attention_matches_full_attention(batch, length, heads, dim):
-    """The kernel on the fused projection equals split + rotary + reference attention, in value
-    and in the gradient with respect to qkv (through the rotation)."""
-    assert cpu_kernels.available(), "the C++ kernel did not build (see the warning)"
-    qkv = 2 * jax.random.normal(jax.random.key(length), (batch, length, 3, heads, dim))
-    sin, cos = model_lib.rope_tables(jnp.arange(length), dim, 100.0)
-
-    _assert_attention_matches(jax.jit(lambda qkv: cpu_kernels.causal_attention(qkv, sin, cos)),
-                              lambda qkv: _reference_attention(*model_lib.split_rope(qkv, sin, cos)),
-                              qkv)
+    """The C++ kernel equals the reference attention in value and in the gradients."""
+    assert cpu.available(), "the C++ kernel did not build (see the warning)"
+    q, k, v = 2 * jax.random.normal(jax.random.key(length), (3, batch, length, heads, dim))
+    _assert_attention_matches(jax.jit(cpu.causal_attention), _reference_attention, q, k, v)
 
 
 def test_cpu_kernel_build_failure_names_the_command(tmp_path, monkeypatch):
     """Without a working compiler the build raises with the command; 'auto' then falls back."""
     monkeypatch.setenv("CXX", "false")
-    with pytest.raises(RuntimeError, match=r"false .*cpu_kernels\.cc.* failed"):
-        cpu_kernels.build(tmp_path)
+    with pytest.raises(RuntimeError, match=r"false .*cpu\.cc.* failed"):
+        cpu.build(tmp_path)
     assert not list(tmp_path.iterdir())  # no half-written library left behind
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="no-such-compiler"):
-        cpu_kernels.build(tmp_path)
+        cpu.build(tmp_path)
 
 
 def test_cpu_kernels_unavailable_is_a_warning(tmp_path, monkeypatch):
@@ -132,70 +128,80 @@ def test_cpu_kernels_unavailable_is_a_warning(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("LM_CACHE_DIR", str(blocker / "cache"))
-    cpu_kernels._library.cache_clear()
+    cpu._library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="CPU kernels not available, using pure XLA"):
-            assert not cpu_kernels.available()
+            assert not cpu.available()
     finally:
         monkeypatch.undo()
-        cpu_kernels._library.cache_clear()
-    assert cpu_kernels.available()
+        cpu._library.cache_clear()
+    assert cpu.available()
 
 
 def test_cpu_kernel_rejects_what_it_cannot_run():
-    sin = cos = jnp.zeros((8, 2))
-    qkv = jnp.zeros((1, 8, 3, 2, 4), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"float32 .* got bfloat16\[1, 8, 3, 2, 4\]"):
-        cpu_kernels.causal_attention(qkv, sin, cos)
-    with pytest.raises(ValueError, match=r"got float32\[1, 8, 2, 4\]"):  # q alone, not qkv
-        cpu_kernels.causal_attention(jnp.zeros((1, 8, 2, 4)), sin, cos)
-    with pytest.raises(ValueError, match=r"\[8, 2\]; got sin\[8, 4\]"):
-        cpu_kernels.causal_attention(qkv.astype(jnp.float32), jnp.zeros((8, 4)), cos)
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"float32 .* got bfloat16\[1, 8, 2, 4\]"):
+        cpu.causal_attention(q.astype(jnp.bfloat16), q, q)
+    with pytest.raises(ValueError, match=r"got float32\[1, 8, 3, 2, 4\]"):  # a fused qkv
+        cpu.causal_attention(jnp.zeros((1, 8, 3, 2, 4)), q, q)
+    with pytest.raises(ValueError, match=r"float32\[1, 8, 2, 6\]"):
+        cpu.causal_attention(q, jnp.zeros((1, 8, 2, 6)), q)
 
 
 @pytest.mark.parametrize("shape", [(37, 70), (1, 5), (16, 16), (64, 48), (4096, 128)])
 def test_cpu_kernel_transpose(shape):
     x = jax.random.normal(jax.random.key(0), shape)
-    np.testing.assert_array_equal(jax.jit(cpu_kernels.transpose)(x), x.T)
-    assert "lm_transpose" in str(jax.make_jaxpr(cpu_kernels.transpose)(x))
+    np.testing.assert_array_equal(jax.jit(cpu.transpose)(x), x.T)
+    assert "lm_transpose" in str(jax.make_jaxpr(cpu.transpose)(x))
     xb = x.astype(jnp.bfloat16)  # not the kernel's dtype: the XLA transpose
-    np.testing.assert_array_equal(jax.jit(cpu_kernels.transpose)(xb), xb.T)
+    np.testing.assert_array_equal(jax.jit(cpu.transpose)(xb), xb.T)
 
 
-def test_model_without_cpu_kernels_matches(tiny_model, monkeypatch):
-    """Where the kernels cannot be built, 'auto' runs pure XLA with the same loss and gradient."""
-    tokens = jnp.arange(2 * 70).reshape(2, 70) % tiny_model.vocab_size
-    graphdef, params = nnx.split(model_lib.Transformer(tiny_model, rngs=nnx.Rngs(0)))
+def _loss_and_grads(cfg, tokens):
+    graphdef, params = nnx.split(model_lib.Transformer(cfg, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(params)
 
     def loss(params):
         return jnp.mean(model_lib.apply(graphdef, params, tokens) ** 2)
 
-    def traced(params):  # a new function each time: make_jaxpr caches traces by function
-        return str(jax.make_jaxpr(jax.grad(lambda p: loss(p)))(params))
-
-    with_kernels = jax.value_and_grad(loss)(params)
-    assert "lm_attention" in traced(params) and "lm_transpose" in traced(params)
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    assert "lm_" not in traced(params)
-    for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss)(params)), jax.tree.leaves(with_kernels),
-                    strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    trace = str(jax.make_jaxpr(jax.grad(lambda p: loss(p)))(params))  # a new function: no cache
+    return jax.value_and_grad(loss)(params), trace
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "kernel"])
-def test_model_attention_implementations_agree(tiny_model, impl):
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_cpu_kernels_match_the_reference(tiny_model, monkeypatch, activation):
+    """model.kernels='auto' on CPU (the C++ attention and transposes, the lean GELU) gives the
+    loss and gradients of the plain-JAX reference ('xla'), and so does its fallback where the
+    kernels cannot be built (blockwise attention, barrier-guarded transposes)."""
+    tiny_model.activation = activation
     tokens = jnp.arange(2 * 70).reshape(2, 70) % tiny_model.vocab_size  # 70 = 64 + a ragged block
-    tiny_model.attention = "xla"
+    tiny_model.kernels = "xla"
+    reference, trace = _loss_and_grads(tiny_model, tokens)
+    assert "lm_" not in trace and kernels.select(tiny_model) is kernels.REFERENCE
+    tiny_model.kernels = "auto"
+    with_kernels, trace = _loss_and_grads(tiny_model, tokens)
+    assert "lm_attention" in trace and "lm_transpose" in trace
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    fallback, trace = _loss_and_grads(tiny_model, tokens)
+    assert "lm_" not in trace
+    for got in (with_kernels, fallback):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+def test_attention_implementations_agree(tiny_model, impl):
+    tokens = jnp.arange(2 * 70).reshape(2, 70) % tiny_model.vocab_size
+    tiny_model.kernels, tiny_model.attention = "xla", "auto"
     ref = _forward(tiny_model, tokens)
     tiny_model.attention = impl
     np.testing.assert_allclose(_forward(tiny_model, tokens), ref, atol=1e-5)
 
 
-def test_gelu_matches_jax_value_and_gradient():
+def test_cpu_gelu_matches_jax_value_and_gradient():
     x = jnp.linspace(-8, 8, 1001)
-    np.testing.assert_allclose(model_lib.gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
-    np.testing.assert_allclose(jax.vmap(jax.grad(model_lib.gelu))(x),
+    np.testing.assert_allclose(cpu.gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(cpu.gelu))(x),
                                jax.vmap(jax.grad(jax.nn.gelu))(x), atol=1e-6)
 
 
@@ -203,12 +209,12 @@ def test_gelu_matches_jax_value_and_gradient():
     ((2, 5, 8), (8, 24), 1), ((2, 5, 24), (24, 8), 1),  # MLP in and out
     ((2, 5, 8), (8, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2),  # q/k/v and output projections
 ])
-def test_dense_matches_tensordot(x_shape, w_shape, axes):
+def test_cpu_dense_matches_tensordot(x_shape, w_shape, axes):
     x, w = jax.random.normal(jax.random.key(0), x_shape), jax.random.normal(jax.random.key(1), w_shape)
     loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, axes)))  # noqa: E731
-    np.testing.assert_allclose(model_lib.dense(x, w, axes), jnp.tensordot(x, w, axes), rtol=1e-5,
+    np.testing.assert_allclose(cpu.dense(x, w, axes), jnp.tensordot(x, w, axes), rtol=1e-5,
                                atol=1e-5)
-    ours = jax.grad(loss(model_lib.dense), argnums=(0, 1))(x, w)
+    ours = jax.grad(loss(cpu.dense), argnums=(0, 1))(x, w)
     ref = jax.grad(loss(jnp.tensordot), argnums=(0, 1))(x, w)
     for g, r in zip(ours, ref, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -2,8 +2,7 @@
 caches and deterministic, process-sharded batches. See docs/data.md."""
 
 from lm.data.dataset import Dataset, build_dataset, get_tokenizer, to_global
-from lm.data.errors import DataError
-from lm.data.settings import expected_vocab_size, validate_data_config
+from lm.data.settings import DataError, expected_vocab_size, validate_data_config
 from lm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
 __all__ = [

@@ -19,23 +19,21 @@ import jax
 import ml_collections
 import numpy as np
 
+from lm.config import _choice, fail
 from lm.data import pipeline
-from lm.data.errors import DataError
-from lm.data.settings import TOKENIZERS, fail
-from lm.data.sources import Corpus, open_corpus
-from lm.data.splits import TRAIN
+from lm.data.settings import TOKENIZERS, DataError
+from lm.data.sources import TRAIN, Corpus, open_corpus
 from lm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
 from lm.files import file_lock, load_array, write_array_atomic, write_json_atomic
 
-SP_SAMPLE_BYTES = 8 << 20  # SentencePiece trains on this much train text: a few seconds
+SP_SAMPLE_BYTES = 8 << 20  # SentencePiece trains on this much train text
 READ_CHUNK = 512  # documents read and tokenized together
 
 
 def _tokenizer(data_cfg: ml_collections.ConfigDict, corpus: Corpus | None) -> Tokenizer:
+    _choice(data_cfg, "data", "tokenizer", TOKENIZERS)
     if data_cfg.tokenizer == "bytes":
         return ByteTokenizer()
-    if data_cfg.tokenizer != "sentencepiece":
-        fail("data.tokenizer", data_cfg.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
     if data_cfg.get("tokenizer_path"):
         tokenizer = SentencePieceTokenizer(Path(data_cfg.tokenizer_path))
         if tokenizer.vocab_size != data_cfg.sp_vocab_size:
@@ -112,31 +110,36 @@ class Dataset:
     """
 
     def __init__(self, data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, train: np.ndarray,
-                 held_out: np.ndarray, info: dict):
+                 held_out: np.ndarray, info: dict) -> None:
         seq_len, self.batch_size = data_cfg.seq_len, data_cfg.batch_size
         self.tokenizer, self.seq_len, self.info = tokenizer, seq_len, info
         self.num_train_windows = pipeline.window_count(len(train), seq_len)
         available = pipeline.window_count(len(held_out), seq_len)
         self.num_eval_batches = min(data_cfg.eval_batches, available // self.batch_size)
         self.num_eval_windows = self.num_eval_batches * self.batch_size
-        name = f"{info['dataset']} with {tokenizer.name}"
-        if self.num_train_windows == 0:
-            raise DataError(f"the train split of {name} has {len(train)} tokens, not one window of "
-                            f"data.seq_len + 1 = {seq_len + 1}: lower data.seq_len or add text")
-        if self.num_eval_batches == 0:
-            raise DataError(f"the {info['eval']['split']} split of {name} has {available} windows of "
-                            f"data.seq_len + 1 = {seq_len + 1} tokens, fewer than one batch of "
-                            f"data.batch_size = {self.batch_size}: lower them or add held-out text")
-        if self.num_eval_batches < data_cfg.eval_batches:
-            warnings.warn(f"the {info['eval']['split']} split of {name} has {available} windows: "
-                          f"evaluating {self.num_eval_batches} batches, not data.eval_batches = "
-                          f"{data_cfg.eval_batches}", stacklevel=2)
+        self._check_sizes(len(train), available, data_cfg.eval_batches)
         info["train"]["windows"], info["eval"]["windows"] = self.num_train_windows, available
         self._train_order = pipeline.train_order(self.num_train_windows, data_cfg.seed)
         self._eval_order = pipeline.eval_order(available, self.num_eval_windows)
         self._train_reader = pipeline.WindowReader(train, seq_len)
         self._eval_reader = pipeline.WindowReader(held_out, seq_len)
         self._train_batches: dict[int, grain.MapDataset] = {}
+
+    def _check_sizes(self, train_tokens: int, eval_windows: int, eval_batches: int) -> None:
+        """DataError unless both splits hold a batch; a warning when validation is short of eval_batches."""
+        name, split = f"{self.info['dataset']} with {self.tokenizer.name}", self.info["eval"]["split"]
+        window = f"data.seq_len + 1 = {self.seq_len + 1}"
+        if self.num_train_windows == 0:
+            raise DataError(f"the train split of {name} has {train_tokens} tokens, not one window of "
+                            f"{window}: lower data.seq_len or add text")
+        if self.num_eval_batches == 0:
+            raise DataError(f"the {split} split of {name} has {eval_windows} windows of {window} tokens, "
+                            f"fewer than one batch of data.batch_size = {self.batch_size}: lower them or "
+                            "add held-out text")
+        if self.num_eval_batches < eval_batches:
+            warnings.warn(f"the {split} split of {name} has {eval_windows} windows: evaluating "
+                          f"{self.num_eval_batches} batches, not data.eval_batches = {eval_batches}",
+                          stacklevel=3)
 
     def train_batch(self, step: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
         """This process's rows of global batch `step`: int32 [batch_size // process_count, seq_len + 1]."""

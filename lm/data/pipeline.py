@@ -32,7 +32,7 @@ def grain_seed(seed: int, purpose: str) -> int:
 class WindowReader:
     """Window indices [n] -> int32 array [n, seq_len + 1], one vectorized gather from the tokens."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
         self.tokens, self.seq_len = tokens, seq_len
         self.offsets = np.arange(seq_len + 1)
 

@@ -7,53 +7,38 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NoReturn
 
+import jax
 import ml_collections
 
-from lm.data.errors import DataError
+from lm.config import BYTE_VOCAB_SIZE, ConfigError, _choice, _positive, fail
 from lm.files import cache_root
 from lm.sharding import data_parallel_size
 
 TOKENIZERS = ("bytes", "sentencepiece")
 EMBEDDED = "stdlib"  # the corpus made from the interpreter's standard library
 FOLDER = "folder"  # the user's own .txt / .jsonl files in data.text_dir
-BYTE_VOCAB_SIZE = 257  # 256 byte values + EOS
 MIN_SP_VOCAB_SIZE = 259  # 256 byte-fallback pieces, <unk>, </s> and at least one character
 
 
-def fail(field: str, value: Any, allowed: str) -> NoReturn:
-    raise DataError(f"config.{field} = {value!r} is not allowed: {allowed}")
+class DataError(ConfigError):
+    """A data setting, file or dataset is unusable; the message names it, the bad value and the fix."""
 
 
 def data_root(data_cfg: ml_collections.ConfigDict) -> Path:
-    """Where datasets, tokenizers and token caches live: data.data_dir, $LM_DATA_DIR, else the
-    `data` folder of the cache root."""
+    """Where datasets, tokenizers and token caches live: data.data_dir, $LM_DATA_DIR, else
+    $LM_CACHE_DIR/data."""
     root = data_cfg.data_dir or os.environ.get("LM_DATA_DIR") or cache_root() / "data"
     return Path(root).expanduser().absolute()
 
 
 def expected_vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
     """The tokenizer's vocabulary size, known from the config alone (nothing is built)."""
-    if data_cfg.tokenizer == "bytes":
-        return BYTE_VOCAB_SIZE
-    if data_cfg.tokenizer == "sentencepiece":
-        return data_cfg.sp_vocab_size
-    fail("data.tokenizer", data_cfg.tokenizer, f"must be one of {', '.join(TOKENIZERS)}")
+    _choice(data_cfg, "data", "tokenizer", TOKENIZERS)
+    return BYTE_VOCAB_SIZE if data_cfg.tokenizer == "bytes" else data_cfg.sp_vocab_size
 
 
-def _positive_int(data_cfg: ml_collections.ConfigDict, name: str) -> None:
-    value = data_cfg[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        fail(f"data.{name}", value, "must be a positive integer")
-
-
-def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
-    """Reject a bad `config.data` (raises DataError naming the field) without building anything.
-
-    Whether a named dataset exists and is prepared is checked when it is built.
-    """
-    d = config.data
+def _validate_source(d: ml_collections.ConfigDict) -> None:
     if not d.dataset:
         fail("data.dataset", d.dataset,
              f"must be {EMBEDDED!r}, {FOLDER!r} or the name of a prepared tfds dataset")
@@ -64,8 +49,10 @@ def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | Non
              f"is only read when data.dataset = 'folder' (it is {d.dataset!r}); set one or clear the other")
     if not d.text_key:
         fail("data.text_key", d.text_key, "must name the feature (or JSON field) holding the text")
-    for name in ("seq_len", "batch_size", "eval_batches", "sp_vocab_size"):
-        _positive_int(d, name)
+
+
+def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
+    d = config.data
     vocab = expected_vocab_size(d)
     if d.get("tokenizer_path"):
         if d.tokenizer != "sentencepiece":
@@ -79,10 +66,16 @@ def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | Non
     if config.model.vocab_size != vocab:
         fail("model.vocab_size", config.model.vocab_size,
              f"data.tokenizer = {d.tokenizer!r} has {vocab} ids; set model.vocab_size = {vocab}")
-    if n_devices is None:
-        import jax
 
-        n_devices = jax.device_count()
+
+def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
+    """Reject a bad `config.data` (ConfigError naming the field) without building anything; whether
+    a named dataset exists and is prepared is checked when it is built."""
+    d = config.data
+    _validate_source(d)
+    _positive(d, "data", ("seq_len", "batch_size", "eval_batches", "sp_vocab_size"))
+    _validate_tokenizer(config)
+    n_devices = jax.device_count() if n_devices is None else n_devices
     dp = data_parallel_size(config.mesh.shape, n_devices)
     if d.batch_size % dp:
         fail("data.batch_size", d.batch_size,

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
 
-from lm.data.errors import DataError
+from lm.config import BYTE_VOCAB_SIZE
+from lm.data.settings import DataError
 from lm.files import write_bytes_atomic
 
 REPLACEMENT = "\ufffd"
@@ -38,8 +39,12 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of `ids`: EOS dropped, out-of-range ids as U+FFFD."""
 
+    def count_bytes(self, ids: np.ndarray) -> int:
+        """UTF-8 bytes of the text one sequence of ids stands for (the denominator of bits per byte)."""
 
-def _decode_runs(ids: Iterable[int] | np.ndarray, eos_id: int, vocab_size: int, decode_valid) -> str:
+
+def _decode_runs(ids: Iterable[int] | np.ndarray, eos_id: int, vocab_size: int,
+                 decode_valid: Callable[[np.ndarray], str]) -> str:
     """Drop EOS, decode maximal runs of in-range ids with `decode_valid`, U+FFFD for the rest."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     ids = ids[ids != eos_id]
@@ -55,8 +60,8 @@ class ByteTokenizer:
     """ids 0..255 are the UTF-8 bytes of the text, 256 is EOS: any text round-trips exactly."""
 
     name = "bytes"
-    vocab_size = 257
-    eos_id = 256
+    vocab_size = BYTE_VOCAB_SIZE
+    eos_id = BYTE_VOCAB_SIZE - 1  # the id after the 256 byte values
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -65,14 +70,19 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-        return _decode_runs(ids, self.eos_id, 256,
+        return _decode_runs(ids, self.eos_id, self.vocab_size,
                             lambda run: run.astype(np.uint8).tobytes().decode("utf-8", errors="replace"))
+
+    def count_bytes(self, ids: np.ndarray) -> int:
+        """Exact: every id below EOS is one byte."""
+        ids = np.asarray(ids)
+        return int(np.count_nonzero((ids >= 0) & (ids < self.eos_id)))
 
 
 class SentencePieceTokenizer:
     """A trained SentencePiece model: identity normalization and byte fallback, so text round-trips."""
 
-    def __init__(self, model_path: Path):
+    def __init__(self, model_path: Path) -> None:
         self.path = Path(model_path)
         proto = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -89,6 +99,10 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return _decode_runs(ids, self.eos_id, self.vocab_size, lambda run: self._sp.decode(run.tolist()))
+
+    def count_bytes(self, ids: np.ndarray) -> int:
+        """The length of the decoded text in UTF-8."""
+        return len(self.decode(ids).encode("utf-8"))
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:

@@ -1,26 +1,23 @@
-// XLA FFI custom calls for XLA:CPU, float32: causal flash attention with rotary positions
-// (forward and backward) and a 2-D transpose.
+// XLA FFI custom calls for XLA:CPU, float32: causal flash attention (forward and backward)
+// and a 2-D transpose.
 //
 // Attention: XLA:CPU runs the attention's batched [64 x head_dim] products single-threaded at
 // 40-60 GFLOP/s and every softmax step as a separate fusion through memory. Here each
 // (batch, head) pair is one work item, spread over XLA's intra-op thread pool; within an
 // item the products are register-tiled loops over cache-resident 64-row blocks and the
 // softmax is fused between them (FlashAttention: online softmax forward; backward
-// recomputes the probabilities from the saved log-sum-exp). The kernel reads q, k and v
-// straight from the fused projection's output and applies the rotary embedding while
-// packing them (and its transpose to dq and dk), so XLA never splits, rotates, saves or
-// concatenates them.
+// recomputes the probabilities from the saved log-sum-exp). q and k arrive already rotated
+// (the model applies the rotary embedding in JAX, on every backend alike).
 //
-// Layout: qkv and dqkv are [batch, length, 3, heads, head_dim] (q, k, v); o and do are
-// [batch, length, heads, head_dim]; lse is [batch, heads, length]; sin and cos are
-// [length, head_dim / 2], rotating the pairs (x[i], x[i + head_dim / 2]).
+// Layout: q, k, v, o, do and the gradients dq, dk, dv are [batch, length, heads, head_dim]
+// (any row stride is read through Slice); lse is [batch, heads, length].
 //
 // Transpose: XLA:CPU fuses a transpose with its producer (the layer scan's slice of a saved
 // activation, say) into an elementwise loop that runs at 0.5-4 GB/s; the weight gradients of
 // the dense layers each need one. Here it moves whole vectors, transposing W x W blocks in
 // registers.
 //
-// Built by lm/cpu_kernels.py with the host's vector width.
+// Built by lm/kernels/cpu.py with the host's vector width.
 
 #include <algorithm>
 #include <atomic>
@@ -143,14 +140,12 @@ inline vec lane_index() {
 // Shape of one call and the zero-padded sizes of its per-item buffers.
 struct Dims {
   int64_t B, T, H, D, Tp, Dp;
-  explicit Dims(ffi::Span<const int64_t> qkv)  // [B, T, 3, H, D]
-      : B(qkv[0]), T(qkv[1]), H(qkv[3]), D(qkv[4]), Tp((qkv[1] + BLK - 1) / BLK * BLK),
-        Dp((qkv[4] + W - 1) / W * W) {}
+  explicit Dims(ffi::Span<const int64_t> q)  // [B, T, H, D]
+      : B(q[0]), T(q[1]), H(q[2]), D(q[3]), Tp((q[1] + BLK - 1) / BLK * BLK),
+        Dp((q[3] + W - 1) / W * W) {}
   // offset of x[b, t, h, 0] in a [B, T, H, D] array
   int64_t at(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * D; }
-  // offset of x[b, 0, part, h, 0] in a [B, T, 3, H, D] array, whose rows are qkv_row apart
-  int64_t part(int64_t b, int64_t part, int64_t h) const { return ((b * T * 3 + part) * H + h) * D; }
-  int64_t qkv_row() const { return 3 * H * D; }
+  int64_t row() const { return H * D; }  // distance between positions t and t + 1
 };
 
 // One (batch, head) slice [T x D] of a strided array: row t starts at base + t * stride.
@@ -160,36 +155,14 @@ struct Slice {
   const float* row(int64_t t) const { return base + t * stride; }
 };
 
-// Rotary tables [T x D/2]. rotate(+1) is the embedding, rotate(-1) its transpose (inverse),
-// which maps gradients with respect to rotated vectors back to the projections.
-struct Rope {
-  const float *sin, *cos;
-  void rotate(const float* x, int64_t t, int64_t D, float sign, float scale, float* out) const {
-    const int64_t half = D / 2;
-    const float *s = sin + t * half, *c = cos + t * half;
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = x[i], x2 = x[i + half], si = sign * s[i];
-      out[i] = scale * (x1 * c[i] - x2 * si);
-      out[i + half] = scale * (x2 * c[i] + x1 * si);
-    }
-  }
-};
-
 // A slice into rows [Tp x Dp] and/or, times cols_scale, transposed into cols [Dp x Tp]
-// (either may be null), zero padded, rotated first when rope is given; one pass over the
-// strided input for both.
-void pack(Slice x, const Dims& d, const Rope* rope, float* rows, float* cols,
-          float cols_scale = 1.f) {
+// (either may be null), zero padded; one pass over the strided input for both.
+void pack(Slice x, const Dims& d, float* rows, float* cols, float cols_scale = 1.f) {
   const bool padded = d.Tp != d.T || d.Dp != d.D;
   for (float* out : {rows, cols})
     if (out && padded) std::fill(out, out + d.Tp * d.Dp, 0.f);
-  std::unique_ptr<float[]> rotated(rope ? new float[d.D] : nullptr);
   for (int64_t t = 0; t < d.T; ++t) {
     const float* row = x.row(t);
-    if (rope) {
-      rope->rotate(row, t, d.D, 1.f, 1.f, rotated.get());
-      row = rotated.get();
-    }
     if (rows) std::copy(row, row + d.D, rows + t * d.Dp);
     if (cols)
       for (int64_t c = 0; c < d.D; ++c) cols[c * d.Tp + t] = cols_scale * row[c];
@@ -222,26 +195,20 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
   while (state->done.load() < n) std::this_thread::yield();
 }
 
-// The (batch, head) slices of q, k and v in a [B, T, 3, H, D] array.
-struct Qkv {
-  Slice q, k, v;
-  Qkv(const float* qkv, const Dims& d, int64_t b, int64_t h)
-      : q{qkv + d.part(b, 0, h), d.qkv_row()}, k{qkv + d.part(b, 1, h), d.qkv_row()},
-        v{qkv + d.part(b, 2, h), d.qkv_row()} {}
-};
+// The (batch, head) slice of a [B, T, H, D] array.
+Slice slice(const float* x, const Dims& d, int64_t b, int64_t h) { return {x + d.at(b, 0, h), d.row()}; }
 
-void forward_item(const Dims& d, const float* qkv, Rope rope, float* o, float* lse,
-                  int64_t item) {
+void forward_item(const Dims& d, const float* q, const float* k, const float* v, float* o,
+                  float* lse, int64_t item) {
   // Key-major blocks [key, query], so that each query's softmax statistics are one lane of
   // a vector and every reduction runs down the rows (no horizontal sums, no scalar exp).
   const int64_t b = item / d.H, h = item % d.H, Tp = d.Tp, Dp = d.Dp;
   auto buf = scratch(3 * Tp * Dp + BLK * Dp + BLK * BLK);
   float *qt = buf.get(), *kp = qt + Tp * Dp, *vp = kp + Tp * Dp, *acc = vp + Tp * Dp,
         *st = acc + BLK * Dp;
-  const Qkv x(qkv, d, b, h);
-  pack(x.q, d, &rope, nullptr, qt, 1.f / std::sqrt(float(d.D)));
-  pack(x.k, d, &rope, kp, nullptr);
-  pack(x.v, d, nullptr, vp, nullptr);
+  pack(slice(q, d, b, h), d, nullptr, qt, 1.f / std::sqrt(float(d.D)));
+  pack(slice(k, d, b, h), d, kp, nullptr);
+  pack(slice(v, d, b, h), d, vp, nullptr);
   const vec inf = splat(std::numeric_limits<float>::infinity()), lanes = lane_index();
   alignas(64) float m[BLK], l[BLK], alpha[BLK];
   for (int64_t qb = 0; qb < Tp; qb += BLK) {
@@ -283,8 +250,9 @@ void forward_item(const Dims& d, const float* qkv, Rope rope, float* o, float* l
   }
 }
 
-void backward_item(const Dims& d, const float* qkv, Rope rope, const float* o,
-                   const float* lse, const float* g, float* dqkv, int64_t item) {
+void backward_item(const Dims& d, const float* q, const float* k, const float* v, const float* o,
+                   const float* lse, const float* g, float* dq, float* dk, float* dv,
+                   int64_t item) {
   const int64_t b = item / d.H, h = item % d.H, Tp = d.Tp, Dp = d.Dp;
   const float scale = 1.f / std::sqrt(float(d.D));
   auto buf = scratch(7 * Tp * Dp + 2 * BLK * Dp + 4 * BLK * BLK + 2 * Tp);
@@ -293,11 +261,10 @@ void backward_item(const Dims& d, const float* qkv, Rope rope, const float* o,
         *dva = dka + BLK * Dp, *st = dva + BLK * Dp, *pt = st + BLK * BLK,
         *dpt = pt + BLK * BLK, *dst = dpt + BLK * BLK, *lse_p = dst + BLK * BLK,
         *delta = lse_p + Tp;
-  const Qkv x(qkv, d, b, h);
-  pack(x.q, d, &rope, qp, qt, scale);
-  pack(x.k, d, &rope, kp, nullptr);
-  pack(x.v, d, nullptr, vp, nullptr);
-  pack(Slice{g + d.at(b, 0, h), d.H * d.D}, d, nullptr, gp, gt);
+  pack(slice(q, d, b, h), d, qp, qt, scale);
+  pack(slice(k, d, b, h), d, kp, nullptr);
+  pack(slice(v, d, b, h), d, vp, nullptr);
+  pack(slice(g, d, b, h), d, gp, gt);
   std::fill(dqa, dqa + Tp * Dp, 0.f);
   for (int64_t t = 0; t < Tp; ++t) {  // padded queries: lse = +inf makes their P ~0
     lse_p[t] = t < d.T ? lse[(b * d.H + h) * d.T + t] : std::numeric_limits<float>::infinity();
@@ -337,35 +304,35 @@ void backward_item(const Dims& d, const float* qkv, Rope rope, const float* o,
       matmul<true, true>(BLK, Dp, BLK, dst, BLK, kp + kb * Dp, Dp, dqa + qb * Dp, Dp,
                          diagonal ? Causal::kInnerUpToRow : Causal::kAll);
     }
-    for (int r = 0; r < BLK && kb + r < d.T; ++r) {  // gradients of the unrotated k and v
-      const int64_t t = kb + r, row = t * d.qkv_row();
-      rope.rotate(dka + r * Dp, t, d.D, -1.f, scale, dqkv + d.part(b, 1, h) + row);
-      std::copy(dva + r * Dp, dva + r * Dp + d.D, dqkv + d.part(b, 2, h) + row);
+    for (int r = 0; r < BLK && kb + r < d.T; ++r) {
+      const int64_t at = d.at(b, kb + r, h);
+      for (int64_t c = 0; c < d.D; ++c) dk[at + c] = scale * dka[r * Dp + c];
+      std::copy(dva + r * Dp, dva + r * Dp + d.D, dv + at);
     }
   }
   for (int64_t t = 0; t < d.T; ++t)
-    rope.rotate(dqa + t * Dp, t, d.D, -1.f, scale, dqkv + d.part(b, 0, h) + t * d.qkv_row());
+    for (int64_t c = 0, at = d.at(b, t, h); c < d.D; ++c) dq[at + c] = scale * dqa[t * Dp + c];
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32 sin, F32 cos, F32Out o, F32Out lse) {
-  Dims d(qkv.dimensions());
-  Rope rope{sin.typed_data(), cos.typed_data()};
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out o, F32Out lse) {
+  Dims d(q.dimensions());
   parallel_for(pool, d.B * d.H, [&](int64_t i) {
-    forward_item(d, qkv.typed_data(), rope, o->typed_data(), lse->typed_data(), i);
+    forward_item(d, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(),
+                 lse->typed_data(), i);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 sin, F32 cos, F32 o, F32 lse, F32 g,
-                    F32Out dqkv) {
-  Dims d(qkv.dimensions());
-  Rope rope{sin.typed_data(), cos.typed_data()};
+ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 o, F32 lse, F32 g,
+                    F32Out dq, F32Out dk, F32Out dv) {
+  Dims d(q.dimensions());
   parallel_for(pool, d.B * d.H, [&](int64_t i) {
-    backward_item(d, qkv.typed_data(), rope, o.typed_data(), lse.typed_data(), g.typed_data(),
-                  dqkv->typed_data(), i);
+    backward_item(d, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(),
+                  lse.typed_data(), g.typed_data(), dq->typed_data(), dk->typed_data(),
+                  dv->typed_data(), i);
   });
   return ffi::Error::Success();
 }
@@ -447,4 +414,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmAttentionBackward, Backward,
                                   .Arg<F32>()
                                   .Arg<F32>()
                                   .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
                                   .Ret<F32>());

@@ -1,0 +1,56 @@
+"""Process start-up shared by every entry point: quiet library logs, the multi-process join
+(`jax.distributed`, which must come before JAX picks its backend), then the host tuning of
+`lm.kernels` for that backend."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def setup(distributed: bool = False, coordinator_address: str | None = None,
+          num_processes: int | None = None, process_id: int | None = None) -> None:
+    """What every command-line entry point does first; `distributed` for those that train
+    (lm.train, a sweep worker), which join a multi-process job when there is one."""
+    from lm import kernels
+
+    quiet_library_logs()
+    if distributed:
+        initialize(coordinator_address, num_processes, process_id)
+    kernels.configure_host()
+
+
+def quiet_library_logs() -> None:
+    """Keep the console to our own progress lines: library INFO chatter (Orbax saves, backend
+    probing) goes, warnings and errors stay."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax", "orbax", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Orbax warns on every read-only open, which is how evaluate/generate/fine-tune read runs.
+    logging.getLogger("absl").addFilter(lambda record: not any(
+        s in record.getMessage() for s in ("Given directory is read only", "read_only=True")))
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Join a multi-process job; returns False (and does nothing) for a single process.
+
+    Explicit arguments win; otherwise a SLURM step with more than one task uses JAX's own
+    cluster detection. CPU-only jobs use gloo collectives so tests run without accelerators.
+    """
+    explicit = coordinator_address is not None
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    if not (explicit or slurm):
+        return False
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    else:
+        jax.distributed.initialize()
+    return True
