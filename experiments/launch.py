@@ -1,10 +1,5 @@
 """Executing planned runs: per-run locks, one-run workers, and local / subprocess / SLURM runners.
-
-A run is done when its result.json says `completed`; anything else is (re)started and resumes
-from its checkpoints. A lock file per run (created with O_EXCL, refreshed by a heartbeat)
-keeps two runners from training the same run; a lock whose process died, or whose heartbeat
-stopped, is stale and taken over.
-"""
+Locks keep two runners off one run; an unfinished run resumes from its checkpoints (docs/experiments.md)."""
 
 from __future__ import annotations
 
@@ -21,14 +16,10 @@ from pathlib import Path
 
 import ml_collections
 
-from lm.files import write_json_atomic
+from lm.files import config_from_json, run_dir, write_json_atomic
 
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 120.0
-
-
-def run_dir(sweep_dir: Path, name: str) -> Path:
-    return Path(sweep_dir) / "runs" / name
 
 
 def read_result(sweep_dir: Path, name: str) -> dict | None:
@@ -111,9 +102,7 @@ def load_planned(sweep_dir: Path, name: str) -> ml_collections.ConfigDict:
     entry = next((r for r in plan["runs"] if r["name"] == name), None)
     if entry is None:
         raise KeyError(f"{name} is not in {sweep_dir}/plan.json")
-    config = ml_collections.ConfigDict(entry["config"])
-    config.mesh.shape = tuple(config.mesh.shape)
-    return config
+    return config_from_json(entry["config"])
 
 
 def wait_for_trunk(config: ml_collections.ConfigDict, poll: float = 5.0) -> None:
@@ -132,10 +121,8 @@ def wait_for_trunk(config: ml_collections.ConfigDict, poll: float = 5.0) -> None
 
 
 def run_one(sweep_dir: str | Path, name: str) -> str:
-    """Train one planned run unless it is done or locked; returns what happened.
-
-    Failures are recorded in result.json (status `failed`) so the sweep goes on.
-    """
+    """Train one planned run unless it is done or locked, and say what happened; a failure is
+    recorded in result.json (status `failed`) so the sweep goes on."""
     sweep_dir = Path(sweep_dir)
     if is_done(sweep_dir, name):
         return "skipped (done)"
@@ -178,8 +165,8 @@ def cpu_worker_env() -> dict[str, str]:
 
 
 def pin_to_core(slot: int) -> Callable[[], None] | None:
-    """A preexec hook pinning a CPU worker to one core: its runtime threads stop migrating and
-    competing with the other workers' (measured: +25 % tokens/s with two workers on 2 cores)."""
+    """A preexec hook pinning a CPU worker to one core, so its runtime threads stop migrating and
+    competing with the other workers' (the gain is in docs/experiments.md)."""
     if not hasattr(os, "sched_setaffinity"):
         return None
     cores = sorted(os.sched_getaffinity(0))
@@ -252,11 +239,9 @@ def main(argv: list[str]) -> None:
     """Worker entry point: `python -m experiments.launch SWEEP_DIR RUN_NAME`."""
     if len(argv) != 3:
         sys.exit("usage: python -m experiments.launch SWEEP_DIR RUN_NAME")
-    from lm import distributed
-    from lm.host import setup_process
+    from lm.process import setup
 
-    setup_process()
-    distributed.initialize()
+    setup(distributed=True)
     status = run_one(argv[1], argv[2])
     print(f"{argv[2]}: {status}", flush=True)
 

@@ -1,13 +1,5 @@
-"""Planning an IsoFLOP sweep: a pure function from a sweep config to a list of runs.
-
-Each run gets a name encoding its budget and size (`C1e12-N3.2e5`), a workdir, its full
-training config and the step count that makes its FLOPs (exact Appendix-F count by default)
-meet the budget within 1 %.
-
-In `wsd` mode (Hägele et al. 2024) the runs of one model size share a trunk: the longest
-run trains with warmup-stable-decay and keeps checkpoints in its stable phase; each shorter
-run branches from the trunk where its own cooldown starts and only trains the cooldown.
-"""
+"""Planning an IsoFLOP sweep: a pure function from a sweep config to its named runs, each with the
+step count that meets its FLOP budget (and, in `wsd` mode, its trunk); see docs/experiments.md."""
 
 from __future__ import annotations
 
@@ -18,7 +10,8 @@ from pathlib import Path
 import ml_collections
 
 from lm.config import ConfigError
-from lm.sizing import count_params, flops_per_token, flops_per_token_6n, shape_for_params
+from lm.files import run_dir
+from lm.sizing import count_params, flops_per_token, flops_per_token_6n, model_for_shape, shape_for_params
 
 
 @dataclass(frozen=True)
@@ -48,14 +41,6 @@ def sci(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
 
 
-def heads_for(d_model: int, head_dim: int) -> int:
-    """About d_model / head_dim heads, adjusted down until they divide d_model evenly."""
-    h = max(1, round(d_model / head_dim))
-    while d_model % h or (d_model // h) % 2:
-        h -= 1
-    return h
-
-
 def parse_shapes(spec: str, field: str) -> list[tuple[int, int]]:
     """'16x1,24x2' -> [(16, 1), (24, 2)]."""
     shapes = []
@@ -72,30 +57,18 @@ def parse_shapes(spec: str, field: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def _model(base: ml_collections.ConfigDict, d: int, n_layers: int, sweep):
-    m = ml_collections.ConfigDict(base.to_dict())
-    m.d_model, m.n_layers, m.head_dim = d, n_layers, 0
-    m.n_heads = heads_for(d, sweep.head_dim)
-    m.d_ff = max(8, round(sweep.ffn_ratio * d * (2 / 3 if m.activation == "swiglu" else 1) / 8) * 8)
-    return m
-
-
 def budget_models(sweep: ml_collections.ConfigDict, i: int, budget: float):
     """Model configs of budget i: the explicit shapes, or sizes generated around the optimum."""
     base = sweep.train.model
     if sweep.shapes:
-        return [_model(base, d, n_layers, sweep)
+        return [model_for_shape(base, d, n_layers, head_dim=sweep.head_dim, ffn_ratio=sweep.ffn_ratio)
                 for d, n_layers in parse_shapes(sweep.shapes[i], f"shapes[{i}]")]
     centre = math.sqrt(budget / (6 * sweep.tokens_per_param))
     k = sweep.sizes_per_budget
     targets = [centre * sweep.size_span ** (j / (k - 1) - 0.5) for j in range(k)] if k > 1 else [
         centre]
-    models = []
-    for target in targets:
-        picked = shape_for_params(target, aspect_ratio=sweep.aspect_ratio,
-                                  head_dim=sweep.head_dim, ffn_ratio=sweep.ffn_ratio, base=base)
-        models.append(_model(base, picked.d_model, picked.n_layers, sweep))
-    return models
+    return [shape_for_params(target, aspect_ratio=sweep.aspect_ratio, head_dim=sweep.head_dim,
+                             ffn_ratio=sweep.ffn_ratio, base=base) for target in targets]
 
 
 def _batch_size(sweep, n_params: int, data_parallel: int) -> int:
@@ -166,7 +139,7 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
                 name=name, budget=budget, config=c, steps=steps,
                 n_params=pc.total, n_params_non_embedding=pc.non_embedding, tokens=tokens,
                 flops=tokens * flops_per_token(m, seq), flops_6nd=tokens * flops_per_token_6n(m),
-                workdir=str(Path(sweep_dir) / "runs" / name)))
+                workdir=str(run_dir(sweep_dir, name))))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a name: {sorted({n for n in names if names.count(n) > 1})}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -106,18 +106,18 @@ class ConfigError(ValueError):
     """A config value is not allowed; the message names the field, the value and what is allowed."""
 
 
-def fail(field: str, value: Any, allowed: str) -> None:
+def fail(field: str, value: Any, allowed: str) -> NoReturn:
     raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
 
 
-def _positive(section: ml_collections.ConfigDict, prefix: str, names: Iterable[str]) -> None:
+def positive(section: ml_collections.ConfigDict, prefix: str, names: Iterable[str]) -> None:
     for name in names:
         value = section[name]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             fail(f"{prefix}.{name}", value, "must be a positive integer")
 
 
-def _choice(section: ml_collections.ConfigDict, prefix: str, name: str, allowed: tuple) -> None:
+def choice(section: ml_collections.ConfigDict, prefix: str, name: str, allowed: tuple) -> None:
     if section[name] not in allowed:
         fail(f"{prefix}.{name}", section[name], f"must be one of {', '.join(allowed)}")
 
@@ -128,7 +128,7 @@ def head_dim(m: ml_collections.ConfigDict) -> int:
 
 
 def validate_model(m: ml_collections.ConfigDict) -> None:
-    _positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"))
+    positive(m, "model", ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"))
     if m.head_dim < 0:
         fail("model.head_dim", m.head_dim, "must be 0 (= d_model // n_heads) or positive")
     if m.head_dim == 0 and m.d_model % m.n_heads:
@@ -136,11 +136,14 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
              f"must be divisible by model.n_heads = {m.n_heads} (or set model.head_dim)")
     if head_dim(m) % 2:
         fail("model.head_dim", head_dim(m), "must be even (rotary embeddings rotate pairs)")
-    _choice(m, "model", "activation", ACTIVATIONS)
-    _choice(m, "model", "dtype", DTYPES)
-    _choice(m, "model", "remat", REMAT)
-    _choice(m, "model", "attention", ATTENTION)
-    _choice(m, "model", "kernels", KERNELS)
+    choice(m, "model", "activation", ACTIVATIONS)
+    choice(m, "model", "dtype", DTYPES)
+    choice(m, "model", "remat", REMAT)
+    choice(m, "model", "attention", ATTENTION)
+    choice(m, "model", "kernels", KERNELS)
+    if m.attention == "cudnn" and (m.dtype != "bfloat16" or head_dim(m) % 8 or head_dim(m) > 128):
+        fail("model.attention", m.attention, "cuDNN flash attention needs model.dtype='bfloat16' "
+             f"and a head_dim that is a multiple of 8 up to 128 (it is {head_dim(m)})")
     if not isinstance(m.unroll_layers, bool):
         fail("model.unroll_layers", m.unroll_layers, "must be True or False")
     for name in ("rope_theta", "norm_eps", "init_std"):
@@ -167,9 +170,9 @@ def mesh_shape(shape: Iterable[int], n_devices: int) -> tuple[int, int, int]:
 
 
 def validate_optim(o: ml_collections.ConfigDict) -> None:
-    _choice(o, "optim", "schedule", SCHEDULES)
-    _choice(o, "optim", "cooldown_shape", COOLDOWN_SHAPES)
-    _choice(o, "optim", "lr_rule", LR_RULES)
+    choice(o, "optim", "schedule", SCHEDULES)
+    choice(o, "optim", "cooldown_shape", COOLDOWN_SHAPES)
+    choice(o, "optim", "lr_rule", LR_RULES)
     for name in ("peak_lr", "max_lr", "eps"):
         if not o[name] > 0:
             fail(f"optim.{name}", o[name], "must be > 0")
@@ -181,7 +184,7 @@ def validate_optim(o: ml_collections.ConfigDict) -> None:
     for name in ("weight_decay", "clip_norm", "z_loss"):
         if o[name] < 0:
             fail(f"optim.{name}", o[name], "must be >= 0 (0 disables it)")
-    _positive(o, "optim", ("base_width",))
+    positive(o, "optim", ("base_width",))
     if o.warmup_steps < 0:
         fail("optim.warmup_steps", o.warmup_steps, "must be >= 0 (0: use optim.warmup_frac)")
 
@@ -190,7 +193,7 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     t = config.train
     if t.steps < 0 or t.tokens < 0 or (t.steps == 0 and t.tokens <= 0):
         fail("train.tokens", t.tokens, "must be > 0 (or set train.steps > 0)")
-    _positive(t, "train", ("microbatches", "log_every", "eval_every", "checkpoint_every",
+    positive(t, "train", ("microbatches", "log_every", "eval_every", "checkpoint_every",
                            "keep_checkpoints"))
     if t.init_mode not in ("params", "state"):
         fail("train.init_mode", t.init_mode, "must be 'params' (fine-tune) or 'state' (branch)")
@@ -202,7 +205,7 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
-    """Check a whole run config; raises ConfigError (or the data module's error) on the first bad value."""
+    """Check a whole run config; raises ConfigError on the first bad value."""
     import jax
 
     from lm import data

@@ -1,9 +1,5 @@
-"""Exact parameter counts, FLOPs per token (Hoffmann et al. 2022, App. F) and shape picking.
-
-Everything here is computed from the model config alone, without building the model, so
-sweeps can be planned before anything is allocated. Tests check the counts against the
-real parameter tree.
-"""
+"""Exact parameter counts, FLOPs per token (Hoffmann et al. 2022, App. F) and model shapes, from the
+config alone (no model is built), so sweeps can be planned before anything is allocated."""
 
 from __future__ import annotations
 
@@ -40,12 +36,8 @@ def _count(d: int, n_layers: int, hk: int, f: int, v: int, swiglu: bool, tied: b
 
 
 def forward_flops_per_sequence(m: ml_collections.ConfigDict, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs of one sequence, term by term, as in Hoffmann et al. 2022 Appendix F.
-
-    Attention logits and the weighted sum count the full s×s square (as the paper does), and
-    the embedding lookup is a gather, so it counts 0; `embedding_matmul` reports what it
-    would cost as a matmul, for reference only.
-    """
+    """Forward FLOPs of one sequence, term by term, as in Hoffmann et al. 2022 App. F (full s×s attention;
+    the embedding gather counts 0, and `embedding_matmul`, its cost as a matmul, is for reference only)."""
     s, d, v, f = seq_len, m.d_model, m.vocab_size, m.d_ff
     h = m.n_heads
     hk = h * head_dim(m)
@@ -90,14 +82,8 @@ def shape_for_params(
     count: str = "total",
     tolerance: float = 0.05,
 ) -> ml_collections.ConfigDict:
-    """A model config with about `target` parameters and d_model / n_layers ≈ `aspect_ratio`.
-
-    d_model is even (a multiple of 8 from 64 on); heads = round(d_model / head_dim), at least
-    1, dividing d_model; d_ff = ffn_ratio·d_model rounded to a multiple of 8 (SwiGLU keeps 2/3 of it
-    so the MLP cost matches). Among shapes within `tolerance` of the target the one closest
-    to the aspect ratio wins; if none is that close, the closest count wins. `count` is
-    "total" or "non_embedding". Other fields come from `base` (default: configs/train.py).
-    """
+    """A model config with about `target` parameters (`count`: "total" or "non_embedding") and
+    d_model / n_layers ≈ `aspect_ratio`; the search is described in docs/experiments.md."""
     if not target > 0 or not aspect_ratio > 0 or head_dim <= 0 or not ffn_ratio > 0:
         raise ValueError(
             f"shape_for_params(target={target}, aspect_ratio={aspect_ratio}, head_dim={head_dim},"
@@ -106,17 +92,15 @@ def shape_for_params(
         raise ValueError(f"count={count!r}: must be 'total' or 'non_embedding'")
     base = base if base is not None else model_defaults()
     swiglu = base.activation == "swiglu"
-    ratio = ffn_ratio * (2 / 3 if swiglu else 1)
     log_tol = math.log1p(tolerance)
     best, best_key = None, None
     for n_layers in range(1, 1025):
         center = n_layers * aspect_ratio
         on_aspect = None
         for d in _widths(center):
-            n_heads = max(1, round(d / head_dim))
-            if d % n_heads or (d // n_heads) % 2:
-                continue
-            f = _ffn(d, ratio)
+            if heads_for(d, head_dim) != _nearest_heads(d, head_dim):
+                continue  # a width whose heads would not be about head_dim wide
+            f = d_ff_for(d, ffn_ratio, base.activation)
             pc = _count(d, n_layers, d, f, base.vocab_size, swiglu, base.tied_embeddings)
             n = pc.total if count == "total" else pc.non_embedding
             if on_aspect is None and d >= center:
@@ -125,22 +109,44 @@ def shape_for_params(
             aspect_err = abs(math.log(d / n_layers / aspect_ratio))
             key = (err > log_tol, aspect_err if err <= log_tol else err)
             if best_key is None or key < best_key:
-                best, best_key = (d, n_layers, n_heads, f), key
+                best, best_key = (d, n_layers), key
         if on_aspect is not None and on_aspect > 8 * target:
             break  # the on-aspect shape at this depth is too big already: deeper is worse
+    return model_for_shape(base, *best, head_dim=head_dim, ffn_ratio=ffn_ratio)
+
+
+def model_for_shape(base: ml_collections.ConfigDict, d_model: int, n_layers: int, *,
+                    head_dim: int = 64, ffn_ratio: float = 4.0) -> ml_collections.ConfigDict:
+    """`base` at this width and depth, with heads and d_ff by the one rule that planner and picker share."""
     cfg = ml_collections.ConfigDict(base.to_dict())
-    cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff = best
-    cfg.head_dim = 0
+    cfg.d_model, cfg.n_layers, cfg.head_dim = d_model, n_layers, 0
+    cfg.n_heads = heads_for(d_model, head_dim)
+    cfg.d_ff = d_ff_for(d_model, ffn_ratio, cfg.activation)
     return cfg
+
+
+def _nearest_heads(d_model: int, head_dim: int) -> int:
+    return max(1, round(d_model / head_dim))
+
+
+def heads_for(d_model: int, head_dim: int) -> int:
+    """About d_model / head_dim heads, fewer until they split d_model into equal heads of even width."""
+    if d_model <= 0 or d_model % 2:
+        raise ValueError(f"d_model = {d_model}: heads need an even d_model > 0")
+    h = _nearest_heads(d_model, head_dim)
+    while d_model % h or (d_model // h) % 2:
+        h -= 1
+    return h
+
+
+def d_ff_for(d_model: int, ffn_ratio: float, activation: str) -> int:
+    """ffn_ratio·d_model rounded to a multiple of 8; SwiGLU keeps 2/3 of it so the MLP cost matches."""
+    return max(8, round(ffn_ratio * d_model * (2 / 3 if activation == "swiglu" else 1) / 8) * 8)
 
 
 def _widths(center: float) -> list[int]:
     """Candidate widths up to 1.5·center: even below 64 (tiny models), multiples of 8 above."""
     return list(range(2, 64, 2)) + list(range(64, max(64, int(center * 1.5)) + 1, 8))
-
-
-def _ffn(d: int, ratio: float) -> int:
-    return max(8, round(ratio * d / 8) * 8)
 
 
 def main(argv: list[str] | None = None) -> None:

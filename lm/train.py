@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,18 @@ import numpy as np
 import optax
 
 from lm import data as data_lib
-from lm import distributed, optim, sharding
 from lm import model as model_lib
+from lm import optim, sharding
 from lm.checkpoint import Checkpointer, abstract_with_shardings
 from lm.config import ConfigError, validate
 from lm.evaluate import make_eval_step
 from lm.files import write_bytes_atomic, write_json_atomic
-from lm.host import RetainedMemoryBound, setup_process
 from lm.metrics import (
     MetricsWriter,
     device_peak_flops,
     format_duration,
 )
+from lm.process import setup
 from lm.sizing import count_params, flops_per_token, flops_per_token_6n
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to continue
@@ -163,9 +163,15 @@ def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite:
 
 
 class Trainer:
-    """Builds the sharded state and the compiled steps for one config."""
+    """Builds the sharded state and the compiled steps for one config.
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    `compile=False` stops before compiling: the shardings, the abstract state and batch and
+    the jitted steps, on any mesh, an `AbstractMesh` of devices this host does not have
+    included (`lm.bench --lower_only` exports this same step for another platform).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict,
+                 mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh, compile: bool = True):
         self.config, self.mesh = config, mesh
         self.shape = RunShape.of(config)
         self.graphdef, abstract_params, axes = model_lib.abstract_model(config.model, config.seed)
@@ -188,20 +194,30 @@ class Trainer:
         self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
                                 "step": rep}
         self.abstract_state = abstract_with_shardings(abstract, self.state_shardings)
-        batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
-                                     sharding=self.batch_sharding)
+        self.abstract_batch = jax.ShapeDtypeStruct(
+            (config.data.batch_size, config.data.seq_len + 1), jnp.int32,
+            sharding=self.batch_sharding)
+        self.jit_train_step = jax.jit(
+            make_train_step(self.graphdef, config, self.tx, self.lr_fn),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, rep), donate_argnums=0)
+        self.jit_eval_step = jax.jit(
+            make_eval_step(self.graphdef), in_shardings=(self.param_shardings, self.batch_sharding),
+            out_shardings=rep)
+        self.train_step = self.eval_step = None
+        self.compile_seconds = float("nan")
+        if compile:
+            self.compile()
+
+    def compile(self) -> None:
+        """AOT-compile both steps on the trainer's (concrete) mesh."""
         t = time.perf_counter()
-        with jax.set_mesh(mesh):
-            self.train_step = jax.jit(
-                make_train_step(self.graphdef, config, self.tx, self.lr_fn),
-                in_shardings=(self.state_shardings, self.batch_sharding),
-                out_shardings=(self.state_shardings, rep), donate_argnums=0,
-            ).lower(self.abstract_state, batch).compile()
+        with jax.set_mesh(self.mesh):
+            self.train_step = self.jit_train_step.lower(self.abstract_state,
+                                                        self.abstract_batch).compile()
             self.compile_seconds = time.perf_counter() - t
-            self.eval_step = jax.jit(
-                make_eval_step(self.graphdef), in_shardings=(self.param_shardings,
-                                                             self.batch_sharding),
-                out_shardings=rep).lower(self.abstract_state["params"], batch).compile()
+            self.eval_step = self.jit_eval_step.lower(self.abstract_state["params"],
+                                                      self.abstract_batch).compile()
 
     def init_state(self):
         """Fresh state, created directly in its shardings (no full copy on one device)."""
@@ -257,146 +273,221 @@ def load_init(config: ml_collections.ConfigDict, trainer: Trainer):
     return state, start, meta
 
 
+def start_state(config: ml_collections.ConfigDict, trainer: Trainer, ckpt: Checkpointer):
+    """(state, start step, history) of a run: its own latest checkpoint, else `init_from`, else
+    fresh. The history is what a checkpoint carries besides the state (`History.to_meta`)."""
+    start = ckpt.latest_step()
+    if start is not None:
+        state, meta = ckpt.restore(trainer.abstract_state, start)
+        print(f"resumed from step {start} of {trainer.shape.steps}", flush=True)
+        return state, start, History.from_meta(meta)
+    if config.train.init_from:
+        state, start, meta = load_init(config, trainer)
+        return state, start, History(losses=History.from_meta(meta).losses if meta else {})
+    return trainer.init_state(), 0, History()
+
+
+@dataclass
+class History:
+    """What a run accumulates across restarts: per-step losses (the tail a checkpoint keeps),
+    time spent training and the steps this run trained itself (a branch's trunk excluded)."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    trained_steps: int = 0
+    wall_seconds: float = 0.0
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> History:
+        return cls({int(k): v for k, v in meta["losses"].items()}, meta["train_seconds"],
+                   meta["trained_steps"], meta["wall_seconds"])
+
+    def to_meta(self, since: int, wall_seconds: float) -> dict:
+        tail = {s: v for s, v in self.losses.items() if s >= since}
+        return {"losses": tail, "train_seconds": self.train_seconds,
+                "trained_steps": self.trained_steps, "wall_seconds": wall_seconds}
+
+    def mean_loss(self, start: int, end: int) -> float:
+        values = [self.losses[s] for s in range(start, end) if s in self.losses]
+        return float(np.mean(values)) if values else float("nan")
+
+
+@dataclass
+class Boundary:
+    """Which of log, eval, save and preempt happen after step `done`."""
+
+    log: bool
+    evaluate: bool
+    save: bool
+    preempt: bool
+
+    @classmethod
+    def after(cls, done: int, steps: int, t: ml_collections.ConfigDict, preempt: bool) -> Boundary:
+        last = done == steps
+        return cls(done % t.log_every == 0 or last, done % t.eval_every == 0 or last,
+                   done % t.checkpoint_every == 0 or last or done in t.save_steps, preempt)
+
+    def __bool__(self) -> bool:
+        return self.log or self.evaluate or self.save or self.preempt
+
+
+class Run:
+    """One training run in a workdir: the loop, its boundaries and its result."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config, self.workdir = config, workdir
+        self.wall_start = time.perf_counter()
+        self.dataset = data_lib.build_dataset(config)
+        self.trainer = Trainer(config, sharding.make_mesh(config.mesh.shape))
+        self.shape = self.trainer.shape
+        self.ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                 keep_steps=tuple(config.train.save_steps))
+        self.state, self.start, self.history = start_state(config, self.trainer, self.ckpt)
+        self.writer = MetricsWriter(workdir, self.start)
+        self.peak = device_peak_flops() * jax.device_count()
+        self.is_main = jax.process_index() == 0
+        self.status, self.diverged_step, self.eval_loss = "completed", None, float("nan")
+
+    def batch(self, step: int) -> jax.Array:
+        local = self.dataset.train_batch(step, jax.process_index(), jax.process_count())
+        return data_lib.to_global(local, self.trainer.batch_sharding)
+
+    def announce(self) -> None:
+        shape, trainer = self.shape, self.trainer
+        tokenizer_file = getattr(self.dataset.tokenizer, "path", None)
+        if self.is_main and tokenizer_file is not None:  # the run carries its tokenizer
+            write_bytes_atomic(self.workdir / "tokenizer.model", Path(tokenizer_file).read_bytes())
+        if self.is_main:
+            print(f"{shape.n_params:,} params ({shape.n_params_non_embedding:,} non-embedding), "
+                  f"{shape.steps} steps × {shape.tokens_per_step} tokens, "
+                  f"{sharding.describe(trainer.mesh)}, compiled in {trainer.compile_seconds:.1f}s",
+                  flush=True)
+
+    def loop(self, preemption: Preemption) -> None:
+        """Steps from `start` to the end; the host syncs only at boundaries."""
+        steps, pending = self.shape.steps, []
+        interval_start = time.perf_counter()
+        batch = self.batch(self.start) if self.start < steps else None
+        for step in range(self.start, steps):
+            self.state, metrics = self.trainer.train_step(self.state, batch)
+            pending.append((step, metrics))
+            done = step + 1
+            if done < steps:
+                batch = self.batch(done)  # overlaps with the step running on the device
+            preempt = preemption.requested or (
+                jax.process_count() > 1 and self.ckpt.manager.reached_preemption(done))
+            at = Boundary.after(done, steps, self.config.train, preempt)
+            if not at:
+                continue
+            if not self.boundary(done, at, jax.device_get(pending), interval_start):
+                return
+            pending, interval_start = [], time.perf_counter()
+
+    def boundary(self, done: int, at: Boundary, fetched: list, interval_start: float) -> bool:
+        """Record, log, evaluate and save after step `done`; returns whether to go on."""
+        h = self.history
+        for s, m in fetched:
+            h.losses[s] = float(m["loss"])
+        bad = [s for s, m in fetched if not np.isfinite(m["loss"])]
+        if bad:
+            self.status, self.diverged_step = "diverged", bad[0]
+            print(f"loss is {fetched[-1][1]['loss']} at step {bad[0]}: run diverged; the last "
+                  f"good checkpoint is step {self.ckpt.latest_step()}", flush=True)
+            return False
+        seconds = time.perf_counter() - interval_start
+        h.train_seconds += seconds
+        h.trained_steps += len(fetched)
+        if at.log:
+            self.log(done, fetched[-1][1], len(fetched) * self.shape.tokens_per_step / max(seconds, 1e-9))
+        if at.evaluate:
+            self.evaluate(done)
+        if at.save or at.preempt:
+            keep = max(self.window, self.config.train.log_every)
+            self.ckpt.save(done, self.state, h.to_meta(done - keep, self.wall_seconds()))
+        if at.preempt:
+            self.status = "preempted"
+        return not at.preempt
+
+    @property
+    def window(self) -> int:
+        """train_loss is the mean of the last 1 % of steps."""
+        return max(1, math.ceil(self.shape.steps / 100))
+
+    def wall_seconds(self) -> float:
+        """Wall time of the run over all its restarts."""
+        return self.history.wall_seconds + time.perf_counter() - self.wall_start
+
+    def log(self, done: int, last: dict, tok_s: float) -> None:
+        shape = self.shape
+        record = {"step": done, "tokens": done * shape.tokens_per_step,
+                  "flops": done * shape.tokens_per_step * shape.flops_per_token,
+                  "loss": self.history.mean_loss(done - self.config.train.log_every, done),
+                  "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
+                  "tokens_per_sec": tok_s, "mfu": tok_s * shape.flops_per_token / self.peak}
+        self.writer.write(record)
+        if self.is_main:
+            eta = (shape.steps - done) * shape.tokens_per_step / tok_s
+            print(f"step {done}/{shape.steps} | loss {record['loss']:.4f} | {tok_s:,.0f} tok/s | "
+                  f"MFU {record['mfu']:.1%} | ETA {format_duration(eta)}", flush=True)
+
+    def evaluate(self, done: int) -> None:
+        shape = self.shape
+        self.eval_loss = self.trainer.evaluate(self.state["params"], self.dataset)
+        self.writer.write({"step": done, "tokens": done * shape.tokens_per_step,
+                           "flops": done * shape.tokens_per_step * shape.flops_per_token,
+                           "eval_loss": self.eval_loss})
+        if self.is_main:
+            print(f"step {done}/{shape.steps} | eval loss {self.eval_loss:.4f}", flush=True)
+
+    def result(self) -> dict[str, Any]:
+        """result.json: what a scaling study reads of this run."""
+        shape, h, config = self.shape, self.history, self.config
+        done = int(jax.device_get(self.state["step"]))
+        if self.status == "completed" and not np.isfinite(self.eval_loss):
+            # restarted at its last step: nothing to train, the final eval is the checkpoint's
+            self.eval_loss = self.trainer.evaluate(self.state["params"], self.dataset)
+        tokens = done * shape.tokens_per_step
+        # Throughput counts only the steps this run trained itself (not a branch's shared trunk).
+        tok_s = (h.trained_steps * shape.tokens_per_step / h.train_seconds if h.train_seconds > 0
+                 else float("nan"))
+        diverged = self.status == "diverged"
+        return {
+            "status": self.status, "name": self.workdir.name, "steps": done,
+            "planned_steps": shape.steps, "n_params": shape.n_params,
+            "n_params_non_embedding": shape.n_params_non_embedding, "tokens": tokens,
+            "flops_per_token": shape.flops_per_token, "flops": tokens * shape.flops_per_token,
+            "flops_6nd": tokens * flops_per_token_6n(config.model),
+            "train_loss": float("nan") if diverged else h.mean_loss(done - self.window, done),
+            "eval_loss": self.eval_loss if self.status == "completed" else float("nan"),
+            "diverged_step": self.diverged_step, "peak_lr": shape.peak_lr,
+            "wall_seconds": self.wall_seconds(), "train_seconds": h.train_seconds,
+            "tokens_per_second": tok_s, "mfu": tok_s * shape.flops_per_token / self.peak,
+            "compile_seconds": self.trainer.compile_seconds, "devices": jax.device_count(),
+            "device_kind": jax.devices()[0].device_kind, "config_hash": config_hash(config),
+            "model": config.model.to_dict(),
+        }
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: bool = False,
           ) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the result dict also saved as result.json."""
     validate(config)
     workdir = Path(workdir).absolute()
-    shape = RunShape.of(config)
     prepare_workdir(workdir, config, overwrite)
-    wall_start = time.perf_counter()
-    mesh = sharding.make_mesh(config.mesh.shape)
-    dataset = data_lib.build_dataset(config)
-    trainer = Trainer(config, mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                        keep_steps=tuple(config.train.save_steps))
-    start = ckpt.latest_step()
-    fresh: dict[str, Any] = {"losses": {}, "train_seconds": 0.0, "wall_seconds": 0.0,
-                             "trained_steps": 0}
-    if start is not None:
-        state, meta = ckpt.restore(trainer.abstract_state, start)
-        print(f"resumed from step {start} of {shape.steps}", flush=True)
-    elif config.train.init_from:
-        state, start, meta = load_init(config, trainer)
-        meta = {**fresh, "losses": meta["losses"]} if meta else fresh
-    else:
-        state, start, meta = trainer.init_state(), 0, fresh
-    losses = {int(k): v for k, v in meta["losses"].items()}
-    writer = MetricsWriter(workdir, start)
-    peak = device_peak_flops() * jax.device_count()
-    window = max(1, math.ceil(shape.steps / 100))  # train_loss: mean of the last 1 % of steps
-    keep = max(window, config.train.log_every)
-    is_main = jax.process_index() == 0
-    tokenizer_file = getattr(dataset.tokenizer, "path", None)
-    if is_main and tokenizer_file is not None:  # the run carries its tokenizer (fine-tuning reuses it)
-        write_bytes_atomic(workdir / "tokenizer.model", Path(tokenizer_file).read_bytes())
-    if is_main:
-        print(f"{shape.n_params:,} params ({shape.n_params_non_embedding:,} non-embedding), "
-              f"{shape.steps} steps × {shape.tokens_per_step} tokens, {sharding.describe(mesh)}, "
-              f"compiled in {trainer.compile_seconds:.1f}s", flush=True)
-
-    def host_batch(step: int):
-        local = dataset.train_batch(step, jax.process_index(), jax.process_count())
-        return data_lib.to_global(local, trainer.batch_sharding)
-
+    run = Run(config, workdir)
+    run.announce()
     preemption = Preemption()
-    memory_bound = RetainedMemoryBound()
-    status, diverged_step, eval_loss = "completed", None, float("nan")
-    pending: list[tuple[int, dict]] = []
-    train_seconds, trained_steps = meta["train_seconds"], meta["trained_steps"]
-    interval_start, interval_tokens = time.perf_counter(), 0
-    batch = host_batch(start) if start < shape.steps else None
     try:
-        for step in range(start, shape.steps):
-            state, metrics = trainer.train_step(state, batch)
-            pending.append((step, metrics))
-            done = step + 1
-            if done < shape.steps:
-                batch = host_batch(done)  # overlaps with the step running on the device
-            interval_tokens += shape.tokens_per_step
-            log = done % config.train.log_every == 0 or done == shape.steps
-            evaluate = done % config.train.eval_every == 0 or done == shape.steps
-            save = (done % config.train.checkpoint_every == 0 or done == shape.steps
-                    or done in config.train.save_steps)
-            preempt = preemption.requested or (
-                jax.process_count() > 1 and ckpt.manager.reached_preemption(done))
-            if not (log or evaluate or save or preempt):
-                continue
-            fetched = jax.device_get(pending)
-            pending = []
-            memory_bound.check()  # here the steps so far have finished and freed their temporaries
-            for s, m in fetched:
-                losses[s] = float(m["loss"])
-            bad = [s for s, m in fetched if not np.isfinite(m["loss"])]
-            if bad:
-                status, diverged_step = "diverged", bad[0]
-                print(f"loss is {fetched[-1][1]['loss']} at step {bad[0]}: run diverged; "
-                      f"the last good checkpoint is step {ckpt.latest_step()}", flush=True)
-                break
-            now = time.perf_counter()
-            train_seconds += now - interval_start
-            trained_steps += interval_tokens // shape.tokens_per_step
-            tok_s = interval_tokens / max(now - interval_start, 1e-9)
-            if log:
-                last = fetched[-1][1]
-                interval = [losses[s] for s in range(done - config.train.log_every, done)
-                            if s in losses]
-                record = {"step": done, "tokens": done * shape.tokens_per_step,
-                          "flops": done * shape.tokens_per_step * shape.flops_per_token,
-                          "loss": float(np.mean(interval)), "lr": float(last["lr"]),
-                          "grad_norm": float(last["grad_norm"]), "tokens_per_sec": tok_s,
-                          "mfu": tok_s * shape.flops_per_token / peak}
-                writer.write(record)
-                if is_main:
-                    eta = (shape.steps - done) * shape.tokens_per_step / tok_s
-                    print(f"step {done}/{shape.steps} | loss {record['loss']:.4f} | "
-                          f"{tok_s:,.0f} tok/s | MFU {record['mfu']:.1%} | "
-                          f"ETA {format_duration(eta)}", flush=True)
-            if evaluate:
-                eval_loss = trainer.evaluate(state["params"], dataset)
-                writer.write({"step": done, "tokens": done * shape.tokens_per_step,
-                              "flops": done * shape.tokens_per_step * shape.flops_per_token,
-                              "eval_loss": eval_loss})
-                if is_main:
-                    print(f"step {done}/{shape.steps} | eval loss {eval_loss:.4f}", flush=True)
-            if save or preempt:
-                tail = {s: v for s, v in losses.items() if s >= done - keep}
-                ckpt.save(done, state, {
-                    "losses": tail, "train_seconds": train_seconds, "trained_steps": trained_steps,
-                    "wall_seconds": meta["wall_seconds"] + time.perf_counter() - wall_start})
-            if preempt:
-                status = "preempted"
-                break
-            interval_start, interval_tokens = time.perf_counter(), 0
+        run.loop(preemption)
+        result = run.result()
     finally:
         preemption.restore()
-        ckpt.close()
-        writer.close()
-    done = shape.steps if status == "completed" else int(jax.device_get(state["step"]))
-    tail = [losses[s] for s in range(done - window, done) if s in losses]
-    tokens = done * shape.tokens_per_step
-    # Throughput counts only the steps this run trained itself (not a branch's shared trunk).
-    tok_s = (trained_steps * shape.tokens_per_step / train_seconds if train_seconds > 0
-             else float("nan"))
-    result = {
-        "status": status, "name": workdir.name, "steps": done, "planned_steps": shape.steps,
-        "n_params": shape.n_params, "n_params_non_embedding": shape.n_params_non_embedding,
-        "tokens": tokens, "flops_per_token": shape.flops_per_token,
-        "flops": tokens * shape.flops_per_token,
-        "flops_6nd": tokens * flops_per_token_6n(config.model),
-        "train_loss": float(np.mean(tail)) if tail and status != "diverged" else float("nan"),
-        "eval_loss": eval_loss if status == "completed" else float("nan"),
-        "diverged_step": diverged_step, "peak_lr": shape.peak_lr,
-        "wall_seconds": meta["wall_seconds"] + time.perf_counter() - wall_start,
-        "train_seconds": train_seconds, "tokens_per_second": tok_s,
-        "mfu": tok_s * shape.flops_per_token / peak, "compile_seconds": trainer.compile_seconds,
-        "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-        "config_hash": config_hash(config), "model": config.model.to_dict(),
-    }
-    if is_main:
+        run.ckpt.close()
+        run.writer.close()
+    if run.is_main:
         write_json_atomic(workdir / "result.json", result)
-        print(f"{status}: {done} steps, train loss {result['train_loss']:.4f}, "
-              f"eval loss {result['eval_loss']:.4f}, {tok_s:,.0f} tok/s -> "
+        print(f"{result['status']}: {result['steps']} steps, train loss {result['train_loss']:.4f}, "
+              f"eval loss {result['eval_loss']:.4f}, {result['tokens_per_second']:,.0f} tok/s -> "
               f"{workdir / 'result.json'}", flush=True)
     return result
 
@@ -415,11 +506,10 @@ def main(argv: list[str]) -> None:
 
     def run(_):
         f = flags.FLAGS
-        setup_process()
-        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+        setup(True, f.coordinator_address, f.num_processes, f.process_id)
         try:
             result = train(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
-        except (ConfigError, data_lib.DataError) as e:
+        except ConfigError as e:
             sys.exit(f"error: {e}")
         if result["status"] == "preempted":
             sys.exit(EXIT_PREEMPTED)

@@ -39,6 +39,14 @@ def test_approach3_recovers_known_laws(law):
     assert fit["warnings"] == []
 
 
+def test_predict_loss_extrapolates_a_fitted_law_to_unseen_sizes():
+    fit = analysis.fit_approach3(analysis.from_table(law_table(CHINCHILLA)))
+    N, D = np.array([3e5, 2e10, 4.4e7, 3e11]), np.array([3e12, 5e7, 1.7e9, 1e13])  # two outside the table
+    np.testing.assert_allclose(analysis.predict_loss(fit, N, D), approach3.law(CHINCHILLA, N, D), rtol=1e-3)
+    with pytest.raises(ValueError, match="approach-3 fit"):
+        analysis.predict_loss({"a": 0.5, "k_N": 1.0, "b": 0.5, "k_D": 1.0}, 1e8, 1e9)
+
+
 def test_approach3_with_noise_and_bootstrap_interval_covers_truth():
     fit = analysis.fit_approach3(analysis.from_table(law_table(CHINCHILLA, 250, noise=0.01)),
                                  bootstrap=200)
@@ -100,7 +108,7 @@ def test_approach2_recovers_exponents(a_true):
 
 
 def test_approach2_gives_no_interval_when_resamples_cannot_vary():
-    """Three sizes per budget: a resample keeps all three in both budgets ~5 % of the time, and
+    """Three sizes per budget: a resample keeps all three in both budgets (6/27)² of the time, and
     those resamples are the data itself, so a percentile interval would be a false certainty."""
     table = isoflop_table(0.5, budgets=(1e19, 1e20))
     table = table.groupby("budget").nth([0, 3, 6])
@@ -199,6 +207,8 @@ def test_cli_on_a_table_writes_strict_json_report_and_plots(tmp_path):
     assert a3["alpha"] == pytest.approx(0.34, rel=1e-2)
     assert [p["C"] for p in a3["predictions"]] == [1e21, 1e22]
     assert "skipped" in fits["approach1"]
+    assert "approach 3: N_opt ∝ C^" in proc.stdout and "  L = 1.690 + " in proc.stdout
+    assert "next budget 1e+21 FLOPs (approach 3)" in proc.stdout  # ten times the largest budget
     for png in ("isoflop.png", "optimal.png", "contours.png", "residuals.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     assert "Approach 3" in (tmp_path / "out" / "report.md").read_text()
@@ -247,3 +257,26 @@ def test_degenerate_approach3_solutions_never_win():
                       [5.0, 800.0, 0.5, 0.3, 78.0]])  # B = exp(800) overflows float64
     value = np.array([1e-3, 1e-6, 1e-6, 1e-6])
     np.testing.assert_array_equal(approach3.admissible(theta, value), [1e-3, np.inf, np.inf, np.inf])
+
+
+def test_summary_says_what_to_distrust():
+    """Edge minima, a skipped interval and an unreliable approach 3 are said; the next-budget line
+    then comes from approach 2, and a failed (nan) interval is left out rather than printed."""
+    a2 = {"a": 0.52, "b": 0.48, "k_N": 0.1, "k_D": 1.6, "bootstrap": 100, "bootstrap_kept": 4,
+          "ci_skipped": "too few sizes", "budgets": [{"C": 1e12, "edge": True}, {"C": 3e12, "edge": False}]}
+    a3 = {**CHINCHILLA, "alpha": 29.3, "a": 0.01, "b": 0.99, "seconds": 0.2, "starts": 4500,
+          "ci": {"a": [float("nan")] * 2, "b": [0.2, 0.9]}, "warnings": ["alpha = 29.3 is beyond the grid"]}
+    text = analysis.summary({"approach1": {"skipped": "needs training curves"}, "approach2": a2,
+                             "approach3": a3})
+    assert text.splitlines() == [
+        "approach 1: skipped (needs training curves)",
+        "approach 2: N_opt ∝ C^0.520, D_opt ∝ C^0.480",
+        "  no bootstrap interval: only 4 of 100 resamples gave power laws (too few sizes per budget)",
+        "  edge minima at budgets: 1e+12",
+        "approach 3: N_opt ∝ C^0.010, D_opt ∝ C^0.990 [0.200, 0.900]",
+        "  L = 1.690 + 406.4/N^29.300 + 410.7/D^0.280 (fit 0.20 s, 4,500 starts)",
+        "  unreliable: alpha = 29.3 is beyond the grid",
+        f"next budget 3e+13 FLOPs (approach 2): N_opt ≈ {0.1 * 3e13 ** 0.52:.3g}, "
+        f"D_opt ≈ {1.6 * 3e13 ** 0.48:.3g} ({1.6 * 3e13 ** 0.48 / (0.1 * 3e13 ** 0.52):.1f} tokens/param)"]
+    assert "next budget 1e+20" in analysis.summary({"approach2": a2}, next_budget=1e20)
+    assert "next budget" not in analysis.summary({"approach2": {"skipped": "no completed points"}})

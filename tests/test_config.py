@@ -14,13 +14,12 @@ from lm.config import ConfigError, mesh_shape, validate_model, validate_optim, v
     ("dtype", "float16", r"model.dtype = 'float16' .*float32, bfloat16"),
     ("remat", "some", r"model.remat = 'some' .*none, full, dots"),
     ("head_dim", 7, r"model.head_dim = 7 .*even"),
-    ("attention", "flash", r"model.attention = 'flash' .*auto, kernel, blockwise, xla, cudnn"),
-    ("dtype", "bfloat16", r"model.attention = 'kernel' .*float32 only"),
+    ("attention", "flash", r"model.attention = 'flash' .*auto, xla, cudnn, blockwise"),
+    ("attention", "cudnn", r"model.attention = 'cudnn' .*bfloat16.*multiple of 8 up to 128 \(it is 16\)"),
+    ("kernels", "cuda", r"model.kernels = 'cuda' .*auto, xla"),
 ])
 def test_bad_model_values(field, value, message):
     config = get_config()
-    if message.startswith("model.attention = 'kernel'"):
-        config.model.attention = "kernel"
     config.model[field] = value
     with pytest.raises(ConfigError, match=message):
         validate_model(config.model)

@@ -12,6 +12,7 @@ from configs.isoflop import tiny
 from experiments import launch
 from experiments.plan import plan
 from lm.config import ConfigError
+from lm.files import run_dir
 
 from .conftest import ROOT
 
@@ -43,6 +44,19 @@ def test_planner_meets_budgets_with_unique_names(generated):
             r.config.data.batch_size * r.config.data.seq_len)
     assert len({r.name for r in runs}) == len(runs)
     assert runs[0].name == "C3e11-N1.1e4" or generated
+
+
+def test_planned_models_follow_the_sizing_rules():
+    from lm.sizing import model_for_shape
+
+    for generated in (False, True):
+        c = tiny.get_config()
+        if generated:
+            c.shapes, c.budgets = (), (1e15, 1e16)
+        for r in plan(c):
+            m = r.config.model
+            assert m.to_dict() == model_for_shape(c.train.model, m.d_model, m.n_layers, head_dim=c.head_dim,
+                                                  ffn_ratio=c.ffn_ratio).to_dict(), r.name
 
 
 @pytest.mark.parametrize("change, message", [
@@ -145,7 +159,7 @@ def test_progress_counts_locked_and_just_started_runs(tmp_path, capsys):
     from experiments.isoflop import Progress
 
     runs = plan(micro_sweep(tmp_path))
-    locked = launch.run_dir(tmp_path, runs[0].name)
+    locked = run_dir(tmp_path, runs[0].name)
     locked.mkdir(parents=True)
     (locked / ".lock").write_text("{}")
     Progress(tmp_path, runs)(started=[runs[1].name])  # launched, not yet holding its lock

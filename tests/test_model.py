@@ -49,7 +49,7 @@ def test_every_param_has_logical_axes(tiny_model):
         assert len(a) == p.ndim and all(isinstance(n, str) for n in a)
 
 
-def test_remat_and_bfloat16_match_float32(tiny_model):
+def test_remat_and_bfloat16_logits_match_float32(tiny_model):
     tokens = jnp.arange(32).reshape(2, 16) % tiny_model.vocab_size
     ref = _forward(tiny_model, tokens)
     tiny_model.remat = "full"

@@ -4,9 +4,12 @@ import pytest
 from configs.train import model_config
 from lm.sizing import (
     count_params,
+    d_ff_for,
     flops_per_token,
     flops_per_token_6n,
     forward_flops_per_sequence,
+    heads_for,
+    model_for_shape,
     shape_for_params,
 )
 
@@ -55,6 +58,8 @@ def test_shape_picker_within_ten_percent(activation, aspect):
         n = count_params(cfg).total
         assert abs(n / target - 1) < 0.10, (target, n, cfg.d_model, cfg.n_layers)
         assert cfg.d_model % cfg.n_heads == 0 and (cfg.d_model // cfg.n_heads) % 2 == 0
+        assert cfg.n_heads == max(1, round(cfg.d_model / 64))  # picked widths need no head adjustment
+        assert cfg.to_dict() == model_for_shape(base, cfg.d_model, cfg.n_layers).to_dict()
 
 
 def test_shape_picker_follows_aspect_ratio_and_counts():
@@ -65,3 +70,13 @@ def test_shape_picker_follows_aspect_ratio_and_counts():
     assert abs(count_params(non_emb).non_embedding / 1e6 - 1) < 0.10
     with pytest.raises(ValueError, match="target"):
         shape_for_params(-5)
+
+
+def test_head_and_ffn_rules():
+    assert [heads_for(d, 64) for d in (64, 96, 200, 256, 1000)] == [1, 2, 2, 4, 10]  # 200: 3 -> 2
+    assert [heads_for(d, 16) for d in (8, 24, 40, 48, 80)] == [1, 2, 2, 3, 5]
+    with pytest.raises(ValueError, match="even d_model"):
+        heads_for(17, 16)
+    assert d_ff_for(64, 4.0, "gelu") == 256 and d_ff_for(96, 4.0, "swiglu") == 256
+    assert d_ff_for(12, 3.5, "swiglu") == 32  # exactly 3.5 multiples of 8: rounds half to even
+    assert d_ff_for(2, 1.0, "gelu") == 8

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def overrides(c) -> list[str]:
     """The command-line flags that turn configs/train.py into `c`."""
     flat = {"model.d_model": c.model.d_model, "model.n_layers": c.model.n_layers,
             "model.n_heads": c.model.n_heads, "model.d_ff": c.model.d_ff,
+            "model.kernels": c.model.kernels,
             "data.data_dir": c.data.data_dir, "data.seq_len": c.data.seq_len,
             "data.batch_size": c.data.batch_size, "data.eval_batches": c.data.eval_batches,
             "train.steps": c.train.steps, "train.log_every": c.train.log_every,
@@ -67,6 +69,32 @@ def test_outputs_and_learning(config, reference, data_dir):
     assert {"tokens", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(train_lines[0])
     assert [x["step"] for x in lines if "eval_loss" in x] == [100, 200, 300]
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+
+
+def test_rerun_of_a_finished_run_keeps_its_result(config, reference, tmp_path):
+    """Run again at its last step (or killed before result.json), a run trains nothing and
+    writes the same completed result, eval loss included."""
+    from lm.train import train
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    (workdir / "result.json").unlink()
+    result = train(config, workdir)
+    assert result["status"] == "completed" and result["steps"] == STEPS
+    assert result["eval_loss"] == reference[1]["eval_loss"]
+    assert result["train_loss"] == reference[1]["train_loss"]
+
+
+def test_bfloat16_training_tracks_float32(config, reference, tmp_path):
+    """The bf16 compute path (float32 parameters) of the accelerator path trains to within
+    0.05 of the float32 run's final train and eval losses on the same data."""
+    from lm.train import train
+
+    config.model.dtype = "bfloat16"
+    result = train(config, tmp_path / "bf16")
+    assert result["status"] == "completed"
+    for key in ("train_loss", "eval_loss"):
+        assert abs(result[key] - reference[1][key]) < 0.05, (key, result[key], reference[1][key])
 
 
 def test_loss_falls_below_unigram_entropy(config):

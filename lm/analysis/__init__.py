@@ -1,9 +1,5 @@
 """Scaling-law analysis: results → DataFrame → Chinchilla approaches 1, 2, 3 → plots → report.
-
-    from lm import analysis
-    fits = analysis.run("sweeps/tiny")                  # writes fits.json, report.md, PNGs
-    analysis.optimal_allocation(fits["approach3"], 1e21)  # (N_opt, D_opt)
-"""
+`analysis.run("sweeps/tiny")` does it all; docs/analysis.md shows the functions one by one."""
 
 from __future__ import annotations
 
@@ -53,10 +49,8 @@ def _safe(fn, *args, **kwargs) -> dict:
 def run(path: str | Path, out: str | Path | None = None, n: str = "total", bootstrap: int = 1000,
         seed: int = 0, budgets: tuple[float, ...] | None = None, tolerance: float = 0.05,
         progress: bool = True) -> dict:
-    """Load, fit approaches 1–3 with bootstrap intervals, and write fits.json, report.md and PNGs.
-
-    `out` defaults to the sweep directory (or the table's folder). Returns the fits dict.
-    """
+    """Load, fit approaches 1–3 with bootstrap intervals, write fits.json, report.md and PNGs to `out`
+    (default: the sweep directory, or the table's folder), and return the fits."""
     path = Path(path)
     out = Path(out) if out is not None else (path if path.is_dir() else path.parent)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,21 +86,48 @@ def run(path: str | Path, out: str | Path | None = None, n: str = "total", boots
     return fits
 
 
-def summary(fits: dict) -> str:
-    """Short console lines: the exponents and their intervals."""
+def summary(fits: dict, next_budget: float | None = None) -> str:
+    """The console lines of `python -m lm.analysis` and of a sweep's end: exponents with intervals,
+    warnings, and the optimum at `next_budget` (default: ten times the largest budget in the data)."""
     lines = []
     for name in ("approach1", "approach2", "approach3"):
-        f = fits.get(name, {})
-        if "a" in f:
-            ci = f.get("ci", {})
-            a_ci = f" [{ci['a'][0]:.3f}, {ci['a'][1]:.3f}]" if ci.get("a") and None not in ci["a"] else ""
-            b_ci = f" [{ci['b'][0]:.3f}, {ci['b'][1]:.3f}]" if ci.get("b") and None not in ci["b"] else ""
-            lines.append(f"{name}: N_opt ∝ C^{f['a']:.3f}{a_ci}, D_opt ∝ C^{f['b']:.3f}{b_ci}")
+        f = fits.get(name) or {}
+        label = name.replace("approach", "approach ")
+        if "a" not in f:
+            lines.append(f"{label}: skipped ({f.get('skipped', 'not computed')})")
         else:
-            lines.append(f"{name}: skipped ({f.get('skipped', 'not computed')})")
-    a3 = fits.get("approach3", {})
-    if "alpha" in a3:
-        lines.append(f"approach3: L = {a3['E']:.3f} + {a3['A']:.4g}/N^{a3['alpha']:.3f} + "
-                     f"{a3['B']:.4g}/D^{a3['beta']:.3f}  ({a3['seconds']:.2f} s, {a3['starts']:,} starts)")
+            ci = f.get("ci") or {}
+            lines.append(f"{label}: N_opt ∝ C^{f['a']:.3f}{_ci(ci.get('a'))}, "
+                         f"D_opt ∝ C^{f['b']:.3f}{_ci(ci.get('b'))}")
+        if "ci_skipped" in f:
+            lines.append(f"  no bootstrap interval: only {f['bootstrap_kept']} of {f['bootstrap']} "
+                         "resamples gave power laws (too few sizes per budget)")
+        if f.get("budgets") and name == "approach2":
+            edges = [f"{b['C']:.3g}" for b in f["budgets"] if b["edge"]]
+            lines.append(f"  edge minima at budgets: {', '.join(edges)}" if edges else
+                         "  every budget has an interior minimum")
+        if "alpha" in f:
+            lines.append(f"  L = {f['E']:.3f} + {f['A']:.4g}/N^{f['alpha']:.3f} + "
+                         f"{f['B']:.4g}/D^{f['beta']:.3f} (fit {f['seconds']:.2f} s, {f['starts']:,} starts)")
+        lines += [f"  unreliable: {w}" for w in f.get("warnings", [])]
+    C = next_budget if next_budget is not None else _next_budget(fits)
+    usable = [n for n in ("approach3", "approach2") if "a" in (fits.get(n) or {})]
+    trusted = [n for n in usable if not fits[n].get("warnings")]  # approach 3 unless it is unreliable
+    if C and usable:
+        name = (trusted or usable)[0]
+        n_opt, d_opt = optimal_allocation(fits[name], C)
+        lines.append(f"next budget {C:.3g} FLOPs ({name.replace('approach', 'approach ')}): "
+                     f"N_opt ≈ {n_opt:.3g}, D_opt ≈ {d_opt:.3g} ({d_opt / n_opt:.1f} tokens/param)")
     return "\n".join(lines)
 
+
+def _ci(lo_hi: list | None) -> str:
+    text = report.interval(lo_hi, ".3f")
+    return "" if text == "—" else f" {text}"
+
+
+def _next_budget(fits: dict) -> float | None:
+    """Ten times the largest budget approach 2 saw (fitted or skipped), None without budgets."""
+    a2 = fits.get("approach2") or {}
+    seen = [b["C"] for b in a2.get("budgets", []) + a2.get("budgets_skipped", [])]
+    return 10 * max(seen) if seen else None

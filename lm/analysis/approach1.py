@@ -1,9 +1,5 @@
-"""Approach 1: the lower envelope of the training curves, and power laws of N and D along it.
-
-Every run contributes its eval points (loss after C FLOPs, at D tokens). For FLOP values
-log-spaced over the range the curves cover, the envelope point is the run with the lowest
-loss interpolated at that C; its N and D there give N_opt(C) and D_opt(C).
-"""
+"""Approach 1: the lower envelope of the training curves (the lowest-loss run at each FLOP count),
+and power laws of N and D along it."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Approach 2: IsoFLOP profiles. Per budget a parabola of loss in log N; its vertex is N_opt(C).
-
-D_opt(C) = C / (F(N_opt)) where F is the FLOPs per token, interpolated (in log N) between the
-budget's models: the exact Appendix-F count for a sweep, 6·N for a bare table. The vertices
-then give N_opt = k_N·C^a and D_opt = k_D·C^b by least squares in log space.
-"""
+"""Approach 2: IsoFLOP profiles. Per budget a parabola of loss in log N; its vertex is N_opt(C), and
+the vertices give the power laws N_opt = k_N·C^a, D_opt = k_D·C^b (docs/analysis.md)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Approach 3: the parametric law L(N, D) = E + A/N^α + B/D^β fitted on log loss.
-
-The fit follows Hoffmann et al. (2022): minimise the SUM over points of Huber(δ = 1e-3) of
-`LSE(a − α log N, b − β log D, e) − log L` with L-BFGS from a grid of starts and keep the best.
-Every start runs in one compiled JAX computation (vmap over starts, and over bootstrap resamples
-through per-point weights) in float64, enabled only inside this module's calls.
-"""
+"""Approach 3: the parametric law L(N, D) = E + A/N^α + B/D^β fitted on log loss as Hoffmann et al.
+(2022) do, every start and resample in one compiled JAX L-BFGS computation (docs/analysis.md)."""
 
 from __future__ import annotations
 
@@ -92,12 +87,8 @@ def _direction(g: jax.Array, s: jax.Array, y: jax.Array, rho: jax.Array) -> jax.
 
 def _lbfgs(value_and_grad, x0: jax.Array, max_iter: int, gtol: float, ftol: float,
            memory: int = 10, max_backtracks: int = 40) -> _State:
-    """Minimise every lane of x0 (S, 5) at once: L-BFGS with Armijo backtracking.
-
-    Lanes advance in lockstep inside one while loop; a lane stops when its largest gradient
-    component is below gtol, when a step lowers f by at most ftol·max(|f|, 1), or when its line
-    search fails. The loop ends when every lane has stopped or after max_iter iterations.
-    """
+    """Minimise every lane of x0 (S, 5) at once, in lockstep: L-BFGS with Armijo backtracking. A lane stops
+    at |gradient| < gtol, a decrease ≤ ftol·max(|f|, 1) or a failed line search; all stop at max_iter."""
     S, P = x0.shape
     f0, g0 = value_and_grad(x0)
     zeros = jnp.zeros((S, memory, P), x0.dtype)
@@ -189,20 +180,11 @@ def unpack(theta: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def admissible(theta: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Objective values with inf for solutions that are not a scaling law.
-
-    With few points the unconstrained solver can reach a better objective with α ≤ 0 (loss
-    growing with N) or with A, B or E beyond float64 (a steep term that fits noise); neither has
-    a compute-optimal allocation, so such solutions never win.
-    """
+    """Objective values, inf for solutions that are not a scaling law (α or β ≤ 0, or A, B, E beyond
+    float64): they have no compute-optimal allocation, so they must never win."""
     p = unpack(theta)
     ok = (p["alpha"] > 0) & (p["beta"] > 0) & np.isfinite(p["A"]) & np.isfinite(p["B"]) & np.isfinite(p["E"])
     return np.where(ok & np.isfinite(value), value, np.inf)
-
-
-def pack(fit: dict) -> np.ndarray:
-    """The law's E, A, B, α, β → solver parameters (a, b, e, α, β)."""
-    return np.array([np.log(fit["A"]), np.log(fit["B"]), np.log(fit["E"]), fit["alpha"], fit["beta"]])
 
 
 def closed_form_optimum(fit: dict, C: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
@@ -235,12 +217,8 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
                   ftol: float = FTOL, delta: float = HUBER_DELTA, bootstrap_starts: int = 3,
                   chunk: int = 250, progress: bool = False, screen_iter: int = SCREEN_ITER,
                   polish: int = POLISH) -> dict:
-    """Fit L(N, D) from every start (default: the 4,500-start grid) and keep the best.
-
-    With `bootstrap` > 0, refit on that many resamples of the points (seeded), each warm-started
-    from the best few full-data solutions, and add percentile intervals (`ci`) and `samples`.
-    `budgets` adds closed-form predictions (N_opt, D_opt, loss, tokens per parameter) per budget.
-    """
+    """Fit L(N, D) from every start (default: the 4,500-start grid) and keep the best; `bootstrap`
+    resamples add intervals (`ci`) and `samples`, and `budgets` closed-form predictions."""
     log_n, log_d, log_l = _data(df)
     starts = default_grid() if starts is None else np.atleast_2d(np.asarray(starts, dtype=np.float64))
     n_starts = len(starts)
@@ -278,12 +256,8 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
 
 
 def diagnose(fit: dict) -> list[str]:
-    """Why a fit that is formally a scaling law should not be trusted (empty when nothing is wrong).
-
-    An exponent beyond the start grid (α or β > 2; language models give roughly 0.3–0.8) means
-    that term bends to fit a few points' noise or curvature instead of a trend the points
-    determine: its a, b and predictions are then artefacts of the sampling.
-    """
+    """Why a fit that is formally a scaling law should not be trusted (empty when nothing is wrong): an
+    exponent beyond the start grid is a term bent through a few points, not a trend they determine."""
     top = max(GRID["alpha"])
     return [f"{name} = {fit[name]:.3g} is beyond the start grid's 0–{top:g} (language "
             f"models give about 0.3–0.8): the {term} term is not determined by these "

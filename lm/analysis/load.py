@@ -1,10 +1,5 @@
-"""Results → one pandas DataFrame: a row per (run, point), with status and why a row is left out.
-
-Two sources: a sweep directory (plan.json, runs/*/result.json, runs/*/metrics.jsonl) or a table
-(CSV/Parquet with columns N, D, loss and optionally C, budget, run). Rows that must not enter a
-fit (diverged, unfinished, missing loss) stay in the frame with `included = False` and a
-`reason`, so the report can list them.
-"""
+"""Results (a sweep directory or a CSV/Parquet table) → one DataFrame with a row per (run, point); rows
+left out of the fits stay, with `included = False` and a `reason`, so the report can list them."""
 
 from __future__ import annotations
 
@@ -14,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from lm.files import run_dir
 
 N_CHOICES = ("total", "non_embedding")
 REQUIRED = ("N", "D", "loss")
@@ -81,8 +78,8 @@ def load_sweep(sweep: Path, n: str = "total") -> pd.DataFrame:
     rows = []
     for name in names:
         plan = plans.get(name, {})
-        run_dir = sweep / "runs" / name
-        result = _read_json(run_dir / "result.json") if (run_dir / "result.json").exists() else None
+        workdir = run_dir(sweep, name)
+        result = _read_json(workdir / "result.json") if (workdir / "result.json").exists() else None
         src = result or plan
         status = result.get("status", "unknown") if result else "unfinished"
         n_total, n_ne = _float(src.get("n_params")), _float(src.get("n_params_non_embedding"))
@@ -96,7 +93,7 @@ def load_sweep(sweep: Path, n: str = "total") -> pd.DataFrame:
         rows.append({**meta, "point": "final", "step": src.get("steps"), "D": tokens, "C": flops,
                      "C_6nd": _float(src.get("flops_6nd")), "loss": loss, "included": not reason,
                      "reason": reason})
-        for rec in _eval_lines(run_dir / "metrics.jsonl"):
+        for rec in _eval_lines(workdir / "metrics.jsonl"):
             e_loss, e_tokens = _float(rec.get("eval_loss")), _float(rec.get("tokens"))
             e_reason = reason or ("" if math.isfinite(e_loss) and e_loss > 0 else "non-finite eval_loss")
             rows.append({**meta, "point": "eval", "step": rec.get("step"), "D": e_tokens,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 
@@ -10,8 +12,9 @@ def _ci(fit: dict, key: str) -> str:
 
 
 def interval(lo_hi: list | None, fmt: str = ".3g") -> str:
-    """`[lo, hi]`, or `—` when there is no interval (skipped, or a failed bootstrap)."""
-    return f"[{lo_hi[0]:{fmt}}, {lo_hi[1]:{fmt}}]" if lo_hi and None not in lo_hi else "—"
+    """`[lo, hi]`, or `—` when there is no interval (skipped, or a failed bootstrap: null or nan)."""
+    ok = lo_hi and all(x is not None and math.isfinite(x) for x in lo_hi)
+    return f"[{lo_hi[0]:{fmt}}, {lo_hi[1]:{fmt}}]" if ok else "—"
 
 
 def _predictions(preds: list[dict]) -> list[str]:

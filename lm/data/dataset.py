@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm.config import _choice, fail
+from lm.config import choice, fail
 from lm.data import pipeline
 from lm.data.settings import TOKENIZERS, DataError
 from lm.data.sources import TRAIN, Corpus, open_corpus
@@ -31,7 +31,7 @@ READ_CHUNK = 512  # documents read and tokenized together
 
 
 def _tokenizer(data_cfg: ml_collections.ConfigDict, corpus: Corpus | None) -> Tokenizer:
-    _choice(data_cfg, "data", "tokenizer", TOKENIZERS)
+    choice(data_cfg, "data", "tokenizer", TOKENIZERS)
     if data_cfg.tokenizer == "bytes":
         return ByteTokenizer()
     if data_cfg.get("tokenizer_path"):

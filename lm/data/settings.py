@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from lm.config import BYTE_VOCAB_SIZE, ConfigError, _choice, _positive, fail
+from lm.config import BYTE_VOCAB_SIZE, ConfigError, choice, fail, positive
 from lm.files import cache_root
 from lm.sharding import data_parallel_size
 
@@ -34,7 +34,7 @@ def data_root(data_cfg: ml_collections.ConfigDict) -> Path:
 
 def expected_vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
     """The tokenizer's vocabulary size, known from the config alone (nothing is built)."""
-    _choice(data_cfg, "data", "tokenizer", TOKENIZERS)
+    choice(data_cfg, "data", "tokenizer", TOKENIZERS)
     return BYTE_VOCAB_SIZE if data_cfg.tokenizer == "bytes" else data_cfg.sp_vocab_size
 
 
@@ -73,7 +73,7 @@ def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | Non
     a named dataset exists and is prepared is checked when it is built."""
     d = config.data
     _validate_source(d)
-    _positive(d, "data", ("seq_len", "batch_size", "eval_batches", "sp_vocab_size"))
+    positive(d, "data", ("seq_len", "batch_size", "eval_batches", "sp_vocab_size"))
     _validate_tokenizer(config)
     n_devices = jax.device_count() if n_devices is None else n_devices
     dp = data_parallel_size(config.mesh.shape, n_devices)
