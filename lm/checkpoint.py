@@ -60,9 +60,6 @@ class Checkpointer:
             partial_restore=True)))
         return out["state"]["params"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -78,15 +75,13 @@ def load_run(workdir: str | Path, step: int | None = None):
     """(config, graphdef, params, step) of a run directory, parameters on the default device."""
     import json
 
-    import ml_collections
-
     from lm import model as model_lib
+    from lm.files import config_from_json
 
     workdir = Path(workdir)
     if not (workdir / "config.json").exists():
         raise FileNotFoundError(f"{workdir} has no config.json: not a run directory")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    config.mesh.shape = tuple(config.mesh.shape)
+    config = config_from_json(json.loads((workdir / "config.json").read_text()))
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
     steps = ckpt.all_steps()
     if not steps or (step is not None and step not in steps):

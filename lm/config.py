@@ -36,7 +36,7 @@ def model_defaults() -> ml_collections.ConfigDict:
     m.init_std = 0.02
     m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
     m.remat = "none"  # "none", "full" (recompute each block) or "dots" (save matmul outputs)
-    m.attention = "auto"  # "auto" (JAX picks; cuDNN on GPUs where it applies), "xla", "cudnn", "blockwise"
+    m.attention = "auto"  # "auto" (JAX's choice: XLA today), "xla", "cudnn" (bf16, GPUs), "blockwise"
     # "auto": the CPU kernels of lm.kernels when the backend is CPU; "xla": plain JAX everywhere
     m.kernels = "auto"
     # Layers run in a lax.scan (compile time flat in depth); unrolling compiles each layer

@@ -33,9 +33,17 @@ def run_dir(sweep_dir: str | Path, name: str) -> Path:
     return Path(sweep_dir) / "runs" / name
 
 
+def _merged(base: dict, saved: dict) -> dict:
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict)
+                       else v for k, v in saved.items()}}
+
+
 def config_from_json(obj: dict) -> ml_collections.ConfigDict:
-    """A run config read back from JSON (config.json, plan.json): tuples restored."""
-    config = ml_collections.ConfigDict(obj)
+    """A run config read back from JSON (config.json, plan.json) over today's defaults, so a
+    run saved before a field existed reads with that field's default; tuples restored."""
+    from lm.config import defaults
+
+    config = ml_collections.ConfigDict(_merged(defaults().to_dict(), obj))
     config.mesh.shape = tuple(config.mesh.shape)
     config.train.save_steps = tuple(config.train.save_steps)
     return config
