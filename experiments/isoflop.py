@@ -16,17 +16,17 @@ from pathlib import Path
 import ml_collections
 
 from experiments import launch
-from experiments.plan import Run, format_plan, plan, sci, trained_flops
+from experiments.plan import Run, format_plan, plan, trained_flops
 from lm.config import ConfigError
-from lm.files import write_json_atomic
-from lm.host import setup_process
+from lm.files import run_dir, write_json_atomic
 from lm.metrics import format_duration
+from lm.process import setup
 
 
 def write_plan(sweep_dir: Path, sweep: ml_collections.ConfigDict, runs: list[Run]) -> None:
     """Record the plan; refuse a run whose workdir already holds a different config."""
     for r in runs:
-        saved = launch.run_dir(sweep_dir, r.name) / "config.json"
+        saved = run_dir(sweep_dir, r.name) / "config.json"
         if saved.exists() and json.loads(saved.read_text()) != json.loads(r.config.to_json()):
             raise ConfigError(
                 f"{saved.parent} was trained with a different config than this sweep plans; "
@@ -57,7 +57,7 @@ class Progress:
         done = [r for r in self.runs if launch.is_done(self.sweep_dir, r.name)]
         done_names = {r.name for r in done}
         running = sum(r.name not in done_names and (
-            r.name in started or (launch.run_dir(self.sweep_dir, r.name) / ".lock").exists())
+            r.name in started or (run_dir(self.sweep_dir, r.name) / ".lock").exists())
             for r in self.runs)
         total, flops = sum(trained_flops(r) for r in self.runs), self._done_flops()
         rate = (flops - self.initial) / max(time.time() - self.start, 1e-9)
@@ -78,37 +78,6 @@ def measured_seconds_per_flop(runs: list[Run]) -> float:
     return 1.0 / benchmark(r.config, steps=5, warmup=1)["achieved_flops"]
 
 
-def headline(fits: dict, budgets: list[float]) -> str:
-    """The lines a researcher reads first."""
-    from lm import analysis
-    from lm.analysis.report import interval
-
-    lines = []
-    a2 = fits.get("approach2") or {}
-    if "a" in a2:
-        lines.append(f"Approach 2: N_opt ∝ C^{a2['a']:.3f} {interval(a2.get('a_ci'), '.3f')}, "
-                     f"D_opt ∝ C^{a2['b']:.3f} {interval(a2.get('b_ci'), '.3f')}")
-        if "ci_skipped" in a2:
-            lines.append("  no bootstrap interval: too few sizes per budget")
-        edges = [sci(b["C"]) for b in a2.get("budgets", []) if b.get("edge")]
-        lines.append(f"  edge minima at budgets: {', '.join(edges)}" if edges else
-                     "  every budget has an interior minimum")
-    a3 = fits.get("approach3") or {}
-    if "a" in a3:
-        lines.append(f"Approach 3: L = {a3['E']:.3f} + {a3['A']:.4g}/N^{a3['alpha']:.3f} + "
-                     f"{a3['B']:.4g}/D^{a3['beta']:.3f}; a = {a3['a']:.3f}, b = {a3['b']:.3f}")
-        if a3.get("warnings"):
-            lines += [f"  unreliable: {w}" for w in a3["warnings"]]
-    next_budget = max(budgets) * 10
-    usable = [n for n in ("approach3", "approach2") if "a" in (fits.get(n) or {})]
-    trusted = [n for n in usable if not fits[n].get("warnings")]
-    for name in (trusted or usable)[:1]:
-        n_opt, d_opt = analysis.optimal_allocation(fits[name], next_budget)
-        lines.append(f"next budget {sci(next_budget)} FLOPs ({name}): N_opt ≈ {n_opt:.3g}, "
-                     f"D_opt ≈ {d_opt:.3g} ({d_opt / n_opt:.1f} tokens/param)")
-    return "\n".join(lines)
-
-
 def main(argv: list[str]) -> None:
     from absl import app, flags
     from ml_collections import config_flags
@@ -121,14 +90,28 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_enum("runner", None, ["local", "subprocess", "slurm"], "override config.runner")
     flags.DEFINE_string("slurm_cluster", None, "submitit cluster: None (auto) or 'local' (tests)")
     flags.DEFINE_bool("analyse", True, "run lm.analysis on the sweep after training")
+    flags.DEFINE_enum("preflight", None, ["cuda", "tpu"],
+                      "lower every planned run's train step for this platform (lm.bench "
+                      "--lower_only: jax.export on an abstract mesh, no device), once per distinct "
+                      "program, list the failures and exit (1 if any failed); nothing trains")
+    flags.DEFINE_integer("preflight_devices", 0,
+                         "preflight: devices of the abstract mesh, which resolve the -1 of each "
+                         "run's mesh.shape (0: config.slurm.gpus_per_node × config.slurm.nodes, "
+                         "what one run gets on SLURM)")
 
     def run(_):
         f = flags.FLAGS
-        setup_process()
+        setup()
         sweep = f.config
         sweep_dir = Path(f.sweep_dir or sweep.sweep_dir).absolute()
         try:
             runs = plan(sweep, sweep_dir)
+            if f.preflight:
+                from lm.bench import preflight
+
+                devices = f.preflight_devices or sweep.slurm.gpus_per_node * sweep.slurm.nodes
+                sys.exit(1 if preflight([(r.name, r.config) for r in runs], f.preflight,
+                                        devices) else 0)
             if f.dry_run:
                 rate = f.flops_per_second
                 print(format_plan(runs, 1 / rate if rate > 0 else measured_seconds_per_flop(runs)))
@@ -156,7 +139,7 @@ def main(argv: list[str]) -> None:
 
             fits = analysis.run(sweep_dir, n=sweep.analysis.n, bootstrap=sweep.analysis.bootstrap)
             print(f"report: {sweep_dir / 'report.md'}")
-            print(headline(fits, list(sweep.budgets)))
+            print(analysis.summary(fits, next_budget=10 * max(sweep.budgets)))
 
     app.run(run, argv=argv)
 

@@ -1,31 +1,54 @@
-"""Train-step throughput and MFU: `python -m lm.bench --shape 128,4,4,256,16 ...`.
+"""Benchmarks, one entry point: `python -m lm.bench [--what=step|data|fit] ...`.
 
-Times the compiled, sharded train step (the one `lm.train` runs) on random tokens after
-warm-up: median of N device-synchronised steps. Prints one `key=value` line per shape.
+step (default): train-step throughput and MFU, `--shape d,L,H,T,B` (repeatable). Times the
+compiled, sharded train step (the one `lm.train` runs) on random tokens after warm-up:
+median of N device-synchronised steps. Prints one `key=value` line per shape.
 `page_faults` (median per timed step) tells a clean CPU measurement (0) from one where the
 heap was still growing and the kernel was faulting memory in.
+
+step --lower_only --platform=cuda|tpu --mesh d,f,t: the same train step, with the same
+shardings on an abstract mesh of that size, lowered for that platform with `jax.export` on
+this host (no device of the target needed), with plain-JAX kernels (`model.kernels="xla"`):
+whether it lowers, its custom calls, which inputs are split and the bytes each device holds.
+The exported module is annotated, not partitioned: collectives appear only when XLA's SPMD
+partitioner compiles it on the target.
+
+data: input-pipeline throughput; builds (or reuses) the dataset and its token cache, then
+times `train_batch` alone (tokens_per_s counts the seq_len input tokens of each row).
+
+fit: approach-3 fit speed, the vectorised JAX fit against a plain scipy L-BFGS-B loop over
+the start grid, on a synthetic table (Chinchilla's law with 1 % noise). The scipy loop is
+timed on a random subset of the starts and extrapolated.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
 import resource
 import statistics
+import sys
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import AbstractMesh, AxisType
 
 from lm import sharding
 from lm.config import ATTENTION, validate
 from lm.config import defaults as get_config
-from lm.host import setup_process
 from lm.metrics import device_peak_flops
+from lm.process import setup
 from lm.sizing import count_params, flops_per_token, flops_per_token_palm
 
 DEFAULT_SHAPES = ("128,4,4,256,16", "256,6,8,256,16", "512,8,8,512,8")
+PLATFORMS = ("cuda", "tpu")
+WHAT = ("step", "data", "fit")
 
 
 def shape_config(base: ml_collections.ConfigDict, shape: str) -> ml_collections.ConfigDict:
@@ -40,6 +63,11 @@ def shape_config(base: ml_collections.ConfigDict, shape: str) -> ml_collections.
     c.data.seq_len, c.data.batch_size = seq_len, batch
     c.train.steps = 1000
     return c
+
+
+def _shape(config: ml_collections.ConfigDict) -> str:
+    m = config.model
+    return f"{m.d_model},{m.n_layers},{m.n_heads},{config.data.seq_len},{config.data.batch_size}"
 
 
 def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 5,
@@ -70,7 +98,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 
     fpt, fpt_palm = flops_per_token(m, seq), flops_per_token_palm(m, seq)
     peak = device_peak_flops() * jax.device_count()
     return {
-        "shape": f"{m.d_model},{m.n_layers},{m.n_heads},{seq},{config.data.batch_size}",
+        "shape": _shape(config),
         "n_params": count_params(m).total, "dtype": m.dtype, "devices": jax.device_count(),
         "device": jax.devices()[0].device_kind, "tokens_per_sec": tokens / step_s,
         "step_ms": 1e3 * step_s, "flops_per_token": fpt, "flops_per_token_palm": fpt_palm,
@@ -80,49 +108,345 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 
     }
 
 
+# --- lowering for a target platform, without its devices -------------------------------------
+
+def abstract_mesh(shape: Iterable[int]) -> AbstractMesh:
+    """A (data, fsdp, tensor) mesh of that many devices that need not exist (Auto axes, as
+    `sharding.make_mesh`)."""
+    return AbstractMesh(tuple(shape), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def shards(s: jax.sharding.NamedSharding) -> int:
+    """Pieces a NamedSharding splits its array into (1: replicated)."""
+    axes = [a for dim in s.spec if dim is not None for a in ((dim,) if isinstance(dim, str) else dim)]
+    return math.prod(s.mesh.shape[a] for a in axes)
+
+
+def bytes_per_device(abstract, shardings) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs under matching shardings."""
+    return sum(x.size * x.dtype.itemsize // shards(s)
+               for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
+
+
+def custom_calls(module_text: str) -> list[str]:
+    """Target names of the custom calls in a StableHLO module's text (pretty or generic form)."""
+    return sorted(set(re.findall(r"stablehlo\.custom_call @([\w$.\-]+)", module_text))
+                  | set(re.findall(r'call_target_name = "([^"]+)"', module_text)))
+
+
+def abstract_trainer(config: ml_collections.ConfigDict):
+    """The Trainer of `config` on an abstract mesh of config.mesh.shape (resolved, no -1),
+    uncompiled, with `model.kernels="xla"`: the accelerator program, never the CPU kernels."""
+    from lm.train import Trainer
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.kernels = "xla"
+    return Trainer(config, abstract_mesh(config.mesh.shape), compile=False)
+
+
+def export_train_step(trainer, platform: str) -> jax.export.Exported:
+    """`jax.export` of the trainer's train step (its shardings, donation) for `platform`."""
+    with jax.sharding.use_abstract_mesh(trainer.mesh):
+        return jax.export.export(trainer.jit_train_step, platforms=[platform])(
+            trainer.abstract_state, trainer.abstract_batch)
+
+
+def _lowered_custom_calls(trainer, platform: str) -> list[str] | None:
+    """Custom calls of the step lowered without export's checks (what made an export fail)."""
+    try:
+        with jax.sharding.use_abstract_mesh(trainer.mesh):
+            return custom_calls(trainer.jit_train_step.trace(
+                trainer.abstract_state, trainer.abstract_batch).lower(
+                    lowering_platforms=(platform,)).as_text())
+    except Exception:  # noqa: BLE001 - then the error itself is all there is to report
+        return None
+
+
+def lower(config: ml_collections.ConfigDict, platform: str) -> dict[str, Any]:
+    """Lower `config`'s train step for `platform` on an abstract mesh of `config.mesh.shape`
+    (positive sizes), as `key=value` fields; a failure, validation included, is reported in
+    `lowered` and `error` instead of raised."""
+    m, mesh_shape = config.model, tuple(config.mesh.shape)
+    r: dict[str, Any] = {"shape": _shape(config), "platform": platform,
+                         "mesh": ",".join(map(str, mesh_shape)), "devices": math.prod(mesh_shape),
+                         "dtype": m.dtype, "n_params": count_params(m).total}
+    t = time.perf_counter()
+    trainer = None
+    try:
+        validate(config, n_devices=r["devices"])
+        trainer = abstract_trainer(config)
+        r.update(param_bytes_per_device=bytes_per_device(trainer.abstract_state["params"],
+                                                         trainer.state_shardings["params"]),
+                 state_bytes_per_device=bytes_per_device(trainer.abstract_state,
+                                                         trainer.state_shardings))
+        exported = export_train_step(trainer, platform)
+    except Exception as e:  # noqa: BLE001 - the report names any failure of the lowering
+        message = str(e).strip().splitlines()
+        calls = _lowered_custom_calls(trainer, platform) if trainer is not None else None
+        r.update(lowered="error", custom_calls="?" if calls is None else ",".join(calls) or "none",
+                 lower_s=time.perf_counter() - t,
+                 error=f"{type(e).__name__}: {message[0] if message else ''}")
+        return r
+    leaves = exported.in_shardings_jax(trainer.mesh)  # the module's input annotations
+    sizes = {k: r.pop(k) for k in ("param_bytes_per_device", "state_bytes_per_device")}
+    r.update(lowered="ok", custom_calls=",".join(custom_calls(exported.mlir_module())) or "none",
+             inputs=len(leaves), sharded_arrays=sum(s is not None and shards(s) > 1 for s in leaves),
+             **sizes, lower_s=time.perf_counter() - t)
+    return r
+
+
+def program_key(config: ml_collections.ConfigDict) -> str:
+    """What decides the lowered train step's structure: runs that share it lower once.
+    (The schedule's step counts and learning rates are only constants in it.)"""
+    o = config.optim
+    return json.dumps({"model": config.model.to_dict(), "seq_len": config.data.seq_len,
+                       "batch_size": config.data.batch_size,
+                       "microbatches": config.train.microbatches, "mesh": list(config.mesh.shape),
+                       "schedule": o.schedule, "clip": o.clip_norm > 0}, sort_keys=True)
+
+
+def preflight(runs: list[tuple[str, ml_collections.ConfigDict]], platform: str, n_devices: int,
+              out: Callable[[str], None] = print) -> list[str]:
+    """Lower every run's train step for `platform` on `n_devices` abstract devices (each mesh's
+    -1 resolved against them), once per distinct program; prints one line per program and a
+    summary, and returns the failures (one line each)."""
+    from lm.config import ConfigError, mesh_shape
+
+    groups: dict[str, tuple[ml_collections.ConfigDict, list[str]]] = {}
+    failures = []
+    for name, config in runs:
+        c = ml_collections.ConfigDict(config.to_dict())
+        try:
+            c.mesh.shape = mesh_shape(c.mesh.shape, n_devices)
+        except ConfigError as e:
+            failures.append(f"{name}: {e}")
+            out(f"runs={name} lowered=error error={e}")
+            continue
+        groups.setdefault(program_key(c), (c, []))[1].append(name)
+    ok = 0
+    for c, names in groups.values():
+        r = lower(c, platform)
+        out(format_line({"runs": ",".join(names), **r}))
+        if r["lowered"] == "ok":
+            ok += 1
+        else:
+            failures.append(f"{','.join(names)} (shape {r['shape']}, mesh {r['mesh']}): {r['error']}")
+    out(f"preflight: {ok} shapes ok, {len(failures)} failed"
+        + "".join(f"\n  failed: {f}" for f in failures))
+    return failures
+
+
+# --- input pipeline and fit speed -------------------------------------------------------------
+
+def data_benchmark(data_overrides: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Seconds to build the dataset, then the time per `train_batch` over `steps` batches."""
+    from lm import data as data_lib
+
+    config = get_config()
+    config.data.update(data_overrides)
+    start = time.perf_counter()
+    ds = data_lib.build_dataset(config)
+    build_s = time.perf_counter() - start
+    ds.train_batch(0)  # first call builds grain's batch dataset
+    start = time.perf_counter()
+    for step in range(steps):
+        ds.train_batch(step)
+    elapsed = time.perf_counter() - start
+    d = config.data
+    return {"dataset": ds.info["dataset"], "tokenizer": ds.tokenizer.name, "seq_len": d.seq_len,
+            "batch_size": d.batch_size, "steps": steps, "build_s": round(build_s, 3),
+            "batch_us": round(elapsed / steps * 1e6, 1),
+            "tokens_per_s": round(steps * d.batch_size * d.seq_len / elapsed)}
+
+
+CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+
+
+def _scipy_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float = 1e-3):
+    def f(theta):
+        a, b, e, alpha, beta = theta
+        pred = np.logaddexp.reduce([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)],
+                                   axis=0)
+        r = pred - log_l
+        return np.sum(np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)))
+
+    return f
+
+
+def fit_benchmark(points: int = 250, scipy_starts: int = 300, bootstrap: int = 1000,
+                  ) -> dict[str, Any]:
+    """Approach-3 fit seconds (after compilation, and first call), with `bootstrap` resamples,
+    and a scipy L-BFGS-B loop from `scipy_starts` of the grid's starts, extrapolated to all."""
+    import pandas as pd
+    from scipy.optimize import minimize
+
+    from lm import analysis
+    from lm.analysis import approach3
+
+    rng = np.random.default_rng(0)
+    n, d = 10 ** rng.uniform(7, 10, points), 10 ** rng.uniform(9, 12, points)
+    loss = approach3.law(CHINCHILLA, n, d) * np.exp(rng.normal(0, 0.01, points))
+    df = analysis.from_table(pd.DataFrame({"N": n, "D": d, "loss": loss}))
+    t = time.perf_counter()
+    analysis.fit_approach3(df)
+    first = time.perf_counter() - t
+    fit = analysis.fit_approach3(df)
+    r: dict[str, Any] = {"points": points, "starts": fit["starts"], "jax_s": fit["seconds"],
+                         "jax_first_s": first, "objective": fit["objective"],
+                         "alpha": fit["alpha"], "beta": fit["beta"]}
+    if bootstrap:
+        t = time.perf_counter()
+        boot = analysis.fit_approach3(df, bootstrap=bootstrap)
+        r.update(bootstrap=bootstrap, bootstrap_s=time.perf_counter() - t,
+                 a_lo=boot["ci"]["a"][0], a_hi=boot["ci"]["a"][1])
+    if scipy_starts:
+        f = _scipy_objective(*(np.log(x) for x in (n, d, loss)))
+        grid = approach3.default_grid()
+        subset = grid[rng.choice(len(grid), min(scipy_starts, len(grid)), replace=False)]
+        t = time.perf_counter()
+        best = min((minimize(f, x0, method="L-BFGS-B") for x0 in subset), key=lambda x: x.fun)
+        seconds = time.perf_counter() - t
+        full = seconds * len(grid) / len(subset)
+        r.update(scipy_starts=len(subset), scipy_s=seconds, scipy_all_s=full,
+                 scipy_objective=float(best.fun), speedup=full / fit["seconds"])
+    return r
+
+
 def format_line(r: dict[str, Any]) -> str:
-    def fmt(v):
+    """`key=value` pairs; an `error` (last) keeps its spaces."""
+    def fmt(k, v):
+        if k == "error":
+            return str(v)
         return f"{v:.4g}" if isinstance(v, float) else str(v).replace(" ", "_")
 
-    return " ".join(f"{k}={fmt(v)}" for k, v in r.items())
+    return " ".join(f"{k}={fmt(k, v)}" for k, v in r.items())
+
+
+# Which options each mode reads ("lower" is step --lower_only); any other is a usage error.
+OPTION_MODES = {
+    "shape": {"step", "lower"}, "dtype": {"step", "lower"}, "remat": {"step", "lower"},
+    "attention": {"step", "lower"}, "unroll_layers": {"step", "lower"}, "mesh": {"step", "lower"},
+    "steps": {"step", "data"}, "warmup": {"step"}, "platform": {"lower"},
+    "dataset": {"data"}, "text_dir": {"data"}, "data_dir": {"data"}, "tokenizer": {"data"},
+    "sp_vocab_size": {"data"}, "seq_len": {"data"}, "batch_size": {"data"}, "seed": {"data"},
+    "points": {"fit"}, "scipy_starts": {"fit"}, "bootstrap": {"fit"},
+}
+
+
+def _parse_mesh(parser, value: str | None, lower_only: bool) -> tuple[int, ...] | None:
+    if value is None:
+        return (1, 1, 1) if lower_only else None
+    try:
+        shape = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or (
+            lower_only and min(shape) < 1):
+        parser.error(f"--mesh={value!r}: expected data,fsdp,tensor, three "
+                     + ("positive integers (the abstract mesh's size)" if lower_only
+                        else "integers, each positive or -1 (the remaining devices)"))
+    return shape
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lm.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", action="append", help="d,L,H,T,B (repeatable)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=5,
-                        help="untimed steps first (on CPU the heap grows over the first few)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    parser.add_argument("--remat", choices=("none", "full", "dots"), default=None)
-    parser.add_argument("--attention", choices=ATTENTION, default=None)
-    parser.add_argument("--unroll_layers", action="store_true", help="unroll the layer scan")
-    parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: all data)")
+    parser.add_argument("--what", choices=WHAT, default="step",
+                        help="step: train-step throughput (default); data: input pipeline; "
+                             "fit: approach-3 fit speed")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    step = parser.add_argument_group("--what=step")
+    step.add_argument("--shape", action="append", help="d,L,H,T,B (repeatable)")
+    step.add_argument("--steps", type=int, default=None, help="timed steps (10); data: batches (200)")
+    step.add_argument("--warmup", type=int, default=None,
+                      help="untimed steps first (5; on CPU the heap grows over the first few)")
+    step.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    step.add_argument("--remat", choices=("none", "full", "dots"), default=None)
+    step.add_argument("--attention", choices=ATTENTION, default=None)
+    step.add_argument("--unroll_layers", action="store_true", default=None,
+                      help="unroll the layer scan")
+    step.add_argument("--mesh", default=None,
+                      help="data,fsdp,tensor (default: all data; --lower_only: 1,1,1)")
+    step.add_argument("--lower_only", action="store_true",
+                      help="lower for --platform with jax.export on an abstract mesh of --mesh; "
+                           "no device, nothing runs")
+    step.add_argument("--platform", choices=PLATFORMS, default=None, help="--lower_only: the target")
+    data = parser.add_argument_group("--what=data")
+    data.add_argument("--dataset", default=None, help="stdlib (default), folder or a tfds name")
+    data.add_argument("--text_dir", default=None)
+    data.add_argument("--data_dir", default=None)
+    data.add_argument("--tokenizer", default=None, help="bytes (default) or sentencepiece")
+    data.add_argument("--sp_vocab_size", type=int, default=None)
+    data.add_argument("--seq_len", type=int, default=None, help="(128)")
+    data.add_argument("--batch_size", type=int, default=None, help="(16)")
+    data.add_argument("--seed", type=int, default=None)
+    fit = parser.add_argument_group("--what=fit")
+    fit.add_argument("--points", type=int, default=None, help="synthetic (N, D, loss) points (250)")
+    fit.add_argument("--scipy_starts", type=int, default=None,
+                     help="starts the scipy loop is timed on (300 of the 4,500; 0 skips it)")
+    fit.add_argument("--bootstrap", type=int, default=None, help="resamples (1000; 0 skips them)")
     args = parser.parse_args(argv)
-    setup_process()
-    base = get_config()
-    for name in ("dtype", "remat", "attention"):
-        if getattr(args, name):
-            base.model[name] = getattr(args, name)
-    base.model.unroll_layers = args.unroll_layers
-    if args.mesh:
-        base.mesh.shape = tuple(int(x) for x in args.mesh.split(","))
-    try:  # every shape checked before the first compilation
-        configs = [shape_config(base, shape) for shape in args.shape or DEFAULT_SHAPES]
-        for c in configs:
-            validate(c)
-    except ValueError as e:
-        parser.error(str(e))
-    results = []
-    for config in configs:
-        r = benchmark(config, args.steps, args.warmup)
-        print(format_line(r), flush=True)
-        results.append(r)
+    if args.lower_only and args.what != "step":
+        parser.error(f"--lower_only lowers the train step; it does not apply to --what={args.what}")
+    if args.lower_only and args.platform is None:
+        parser.error(f"--lower_only needs --platform, one of {', '.join(PLATFORMS)}")
+    mode = "lower" if args.lower_only else args.what
+    describe = {"step": "--what=step", "lower": "--lower_only", "data": "--what=data",
+                "fit": "--what=fit"}
+    for name, modes in OPTION_MODES.items():
+        if getattr(args, name) is not None and mode not in modes:
+            parser.error(f"--{name} does not apply to {describe[mode]}; it is read by "
+                         + " and ".join(describe[m] for m in sorted(modes)))
+    for name in ("steps", "points", "sp_vocab_size", "seq_len", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be a positive integer")
+    for name in ("warmup", "scipy_starts", "bootstrap"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name}={getattr(args, name)}: must be >= 0")
+    setup()
+    if args.what == "data":
+        overrides = {k: getattr(args, k) for k in OPTION_MODES if "data" in OPTION_MODES[k]
+                     and k != "steps" and getattr(args, k) is not None}
+        results = [data_benchmark(overrides, args.steps or 200)]
+        print(format_line(results[0]), flush=True)
+    elif args.what == "fit":
+        results = [fit_benchmark(args.points or 250, 300 if args.scipy_starts is None
+                                 else args.scipy_starts,
+                                 1000 if args.bootstrap is None else args.bootstrap)]
+        print(format_line(results[0]), flush=True)
+    else:
+        results = _step(parser, args)
     if args.json:
         from lm.files import write_json_atomic
 
         write_json_atomic(args.json, results)
+    if any(r.get("lowered", "ok") != "ok" for r in results):
+        sys.exit(1)
+
+
+def _step(parser, args) -> list[dict[str, Any]]:
+    """Train-step throughput, or its lowering: one line per shape as each one finishes."""
+    base = get_config()
+    for name in ("dtype", "remat", "attention"):
+        if getattr(args, name):
+            base.model[name] = getattr(args, name)
+    base.model.unroll_layers = bool(args.unroll_layers)
+    mesh = _parse_mesh(parser, args.mesh, args.lower_only)
+    if mesh is not None:
+        base.mesh.shape = mesh
+    devices = math.prod(mesh) if args.lower_only else None
+    try:  # every shape checked before the first compilation
+        configs = [shape_config(base, shape) for shape in args.shape or DEFAULT_SHAPES]
+        for c in configs:
+            validate(c, n_devices=devices)
+    except ValueError as e:
+        parser.error(str(e))
+    results = []
+    for config in configs:
+        r = lower(config, args.platform) if args.lower_only else benchmark(
+            config, args.steps or 10, 5 if args.warmup is None else args.warmup)
+        print(format_line(r), flush=True)
+        results.append(r)
+    return results
 
 
 if __name__ == "__main__":

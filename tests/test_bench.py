@@ -35,3 +35,44 @@ def test_cli_writes_json_and_refuses_bad_shapes_before_compiling(tmp_path, capsy
             bench.main(["--shape", "32,2,2,32,4", "--shape", shape])
         captured = capsys.readouterr()
         assert message in captured.err and captured.out == ""  # the valid shape never ran
+
+
+def _line(out: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in out.split())
+
+
+def test_data_mode_times_the_input_pipeline(data_dir, capsys):
+    bench.main(["--what=data", "--data_dir", str(data_dir), "--seq_len", "32", "--batch_size", "4",
+                "--steps", "5"])
+    line = _line(capsys.readouterr().out.splitlines()[-1])
+    assert (line["tokenizer"], line["seq_len"], line["batch_size"], line["steps"]) == (
+        "bytes", "32", "4", "5")
+    assert float(line["tokens_per_s"]) == pytest.approx(4 * 32 / (float(line["batch_us"]) / 1e6),
+                                                        rel=0.02)
+
+
+def test_fit_mode_compares_the_jax_fit_with_scipy(tmp_path, capsys):
+    out = tmp_path / "fit.json"
+    bench.main(["--what=fit", "--points", "20", "--scipy_starts", "2", "--bootstrap", "0",
+                "--json", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert _line(capsys.readouterr().out)["starts"] == str(r["starts"]) == "4500"
+    assert r["scipy_all_s"] == pytest.approx(r["scipy_s"] * r["starts"] / 2)
+    assert r["speedup"] == pytest.approx(r["scipy_all_s"] / r["jax_s"])
+    assert r["objective"] <= r["scipy_objective"] * 1.001  # the best of 4,500 starts vs 2 of them
+    assert "bootstrap_s" not in r
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--what=data", "--shape", "32,2,2,32,4"], "--shape does not apply to --what=data"),
+    (["--what=fit", "--steps", "3"], "--steps does not apply to --what=fit"),
+    (["--points", "20"], "--points does not apply to --what=step; it is read by --what=fit"),
+    (["--what=data", "--lower_only"], "--lower_only lowers the train step"),
+    (["--what=data", "--steps", "0"], "--steps=0: must be a positive integer"),
+    (["--what=speed"], "invalid choice: 'speed'"),
+])
+def test_options_of_another_mode_are_refused(args, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(args)
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
