@@ -2,7 +2,8 @@
 
 Data: lm1b with an 8k SentencePiece vocabulary (prepare it once with
 `tfds build lm1b --data_dir=$LM_DATA_DIR`, or set `train.data.dataset` to any prepared
-tfds dataset). bf16 compute with float32 parameters; XLA attention (`--config.train.model.attention=cudnn` for cuDNN flash attention on the GPU; preflight cannot lower it without one).
+tfds dataset). bf16 compute with float32 parameters and XLA attention;
+`--config.train.model.attention=cudnn` takes cuDNN's (preflight cannot lower it without a GPU).
 About 1.0e19 FLOPs in all: roughly 8 hours on one H100 at 35 % MFU (docs/experiments.md).
 
     python -m experiments.isoflop --config=configs/isoflop/gpu.py --dry_run
