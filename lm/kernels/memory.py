@@ -42,9 +42,9 @@ def retain_freed_memory() -> bool:
 
 class MemoryBound:
     """Trims the heap when its free bytes pass `factor` × the largest in-use size seen (and
-    `minimum`): a healthy heap keeps about one step's temporaries free, a fragmented one more."""
+    `minimum`): a healthy heap keeps at most one step's temporaries free, a fragmented one more."""
 
-    def __init__(self, factor: float = 2.0, minimum: int = 256 << 20):
+    def __init__(self, factor: float = 1.0, minimum: int = 256 << 20):
         self.libc = ctypes.CDLL(None)
         self.libc.mallinfo2.restype = _MallInfo2
         self.factor, self.minimum, self.peak_in_use, self.trims = factor, minimum, 0, 0
