@@ -79,10 +79,11 @@ def measured_seconds_per_flop(runs: list[Run]) -> float:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    config_flags.DEFINE_config_file("config", "configs/isoflop/tiny.py", "sweep config file")
+    from lm import cli
+
+    cli.define_config("isoflop/tiny.py", "sweep config file")
     flags.DEFINE_string("sweep_dir", None, "sweep directory (default: the config's sweep_dir)")
     flags.DEFINE_bool("dry_run", False, "print the plan (with measured time estimates) and stop")
     flags.DEFINE_float("flops_per_second", 0.0, "dry run: estimate times at this training rate "
@@ -99,7 +100,7 @@ def main(argv: list[str]) -> None:
                          "run's mesh.shape (0: config.slurm.gpus_per_node × config.slurm.nodes, "
                          "what one run gets on SLURM)")
 
-    def run(_):
+    def run():
         f = flags.FLAGS
         setup()
         sweep = f.config
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> None:
             print(f"report: {sweep_dir / 'report.md'}")
             print(analysis.summary(fits, next_budget=10 * max(sweep.budgets)))
 
-    app.run(run, argv=argv)
+    cli.run(run, argv)
 
 
 if __name__ == "__main__":

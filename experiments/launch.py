@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -16,10 +14,7 @@ from pathlib import Path
 
 import ml_collections
 
-from lm.files import config_from_json, run_dir, write_json_atomic
-
-HEARTBEAT_SECONDS = 10.0
-STALE_SECONDS = 120.0
+from lm.files import RunLock, config_from_json, run_dir, write_json_atomic
 
 
 def read_result(sweep_dir: Path, name: str) -> dict | None:
@@ -34,67 +29,6 @@ def is_done(sweep_dir: Path, name: str) -> bool:
     """Finished for good: completed, or diverged (rerunning a diverged run diverges again)."""
     result = read_result(sweep_dir, name)
     return result is not None and result.get("status") in ("completed", "diverged")
-
-
-class RunLock:
-    """An exclusive, heartbeat-refreshed lock file in a run directory."""
-
-    def __init__(self, directory: Path):
-        self.path = Path(directory) / ".lock"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _stale(self) -> bool:
-        try:
-            owner = json.loads(self.path.read_text())
-            age = time.time() - self.path.stat().st_mtime
-        except (FileNotFoundError, json.JSONDecodeError):
-            return True  # vanished, or half-written by a dead process
-        if owner.get("host") == socket.gethostname():
-            try:
-                os.kill(owner["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                pass
-        return age > STALE_SECONDS
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                # Break the stale lock atomically: only one contender wins the rename.
-                grave = self.path.with_name(f".lock.stale.{os.getpid()}")
-                try:
-                    os.rename(self.path, grave)
-                    grave.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.time()}, f)
-            self._thread = threading.Thread(target=self._beat, daemon=True)
-            self._thread.start()
-            return True
-        return False
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                os.utime(self.path)
-            except FileNotFoundError:
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        self.path.unlink(missing_ok=True)
 
 
 def load_planned(sweep_dir: Path, name: str) -> ml_collections.ConfigDict:

@@ -12,6 +12,9 @@ import fcntl
 import json
 import math
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,6 +24,8 @@ import ml_collections
 import numpy as np
 
 COPY_STEP = 1 << 24  # elements copied at a time from a raw stream into its .npy
+HEARTBEAT_SECONDS = 10.0  # a RunLock's holder touches it this often
+STALE_SECONDS = 120.0  # a lock untouched this long (or whose holder died on this host) is broken
 
 
 def cache_root() -> Path:
@@ -96,6 +101,93 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class RunLock:
+    """An exclusive, heartbeat-refreshed `.lock` file in a run directory: one process trains a run.
+
+    Re-entrant within a process (a sweep worker holds its run's lock, and `train` takes it again);
+    broken when its holder died on this host or stopped refreshing it (another host).
+    """
+
+    _held: dict[Path, int] = {}  # lock path -> acquisitions by this process
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory).absolute() / ".lock"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> str:
+        """Who holds the lock, for messages: 'pid P on HOST since T'."""
+        try:
+            owner = json.loads(self.path.read_text())
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["since"]))
+            return f"pid {owner['pid']} on {owner['host']} since {since}"
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return "an unknown process"
+
+    def _stale(self) -> bool:
+        try:
+            owner = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (FileNotFoundError, json.JSONDecodeError):
+            return True  # vanished, or half-written by a dead process
+        if isinstance(owner, dict) and owner.get("host") == socket.gethostname():
+            try:
+                os.kill(owner["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, KeyError, TypeError):
+                pass
+        return age > STALE_SECONDS
+
+    def acquire(self) -> bool:
+        """Take the lock (True), or find it held by a live process elsewhere (False)."""
+        if self.path in RunLock._held:
+            RunLock._held[self.path] += 1
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale():
+                    return False
+                # Break the stale lock atomically: only one contender wins the rename.
+                grave = self.path.with_name(f".lock.stale.{os.getpid()}")
+                try:
+                    os.rename(self.path, grave)
+                    grave.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.time()}, f)
+            RunLock._held[self.path] = 1
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+            return True
+        return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+
+    def release(self) -> None:
+        """Undo one `acquire`; the last one stops the heartbeat and removes the file."""
+        count = RunLock._held.get(self.path, 0) - 1
+        if count > 0:
+            RunLock._held[self.path] = count
+            return
+        RunLock._held.pop(self.path, None)
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.path.unlink(missing_ok=True)
 
 
 def write_array_atomic(path: Path, chunks: Iterable[np.ndarray], dtype: np.dtype) -> int:

@@ -493,10 +493,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    config_flags.DEFINE_config_file("config", "configs/train.py", "training config file")
+    from lm import cli
+
+    cli.define_config("train.py", "training config file")
     flags.DEFINE_string("workdir", None, "run directory (created; resumed if it has checkpoints)")
     flags.DEFINE_bool("overwrite", False, "discard a run with a different config in workdir")
     flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
@@ -504,19 +505,16 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
     flags.mark_flags_as_required(["workdir"])
 
-    def run(_):
+    def run():
         f = flags.FLAGS
         setup(True, f.coordinator_address, f.num_processes, f.process_id)
-        try:
-            result = train(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.overwrite)
-        except ConfigError as e:
-            sys.exit(f"error: {e}")
+        result = train(f.config, f.workdir, f.overwrite)
         if result["status"] == "preempted":
             sys.exit(EXIT_PREEMPTED)
         if result["status"] == "diverged":
             sys.exit(EXIT_DIVERGED)
 
-    app.run(run, argv=argv)
+    cli.run(run, argv)
 
 
 if __name__ == "__main__":

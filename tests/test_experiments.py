@@ -9,10 +9,9 @@ import time
 import pytest
 
 from configs.isoflop import tiny
-from experiments import launch
 from experiments.plan import plan
 from lm.config import ConfigError
-from lm.files import run_dir
+from lm.files import RunLock, run_dir
 
 from .conftest import ROOT
 
@@ -172,9 +171,16 @@ def test_stale_lock_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (lock_dir / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid}))
-    lock = launch.RunLock(lock_dir)
+    lock = RunLock(lock_dir)
     assert lock.acquire()
-    assert not launch.RunLock(lock_dir).acquire()  # live holder: refused
+    other = subprocess.run([sys.executable, "-c", "import sys; from lm.files import RunLock; "
+                            f"sys.exit(RunLock({str(lock_dir)!r}).acquire())"])
+    assert other.returncode == 0  # a live holder in another process: refused
+    assert f"pid {os.getpid()}" in lock.holder()
+    again = RunLock(lock_dir)
+    assert again.acquire()  # re-entrant in the holding process (a worker, then train)
+    again.release()
+    assert (lock_dir / ".lock").exists()
     lock.release()
     assert not (lock_dir / ".lock").exists()
 

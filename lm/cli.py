@@ -1,0 +1,54 @@
+"""What every command line shares: the packaged configs, and bad input as one line, not a traceback.
+
+Each entry point defines its absl flags, calls `define_config` for a `--config` file with
+`--config.x=y` overrides, and hands its body to `run`, which turns the errors a user can fix
+(`ConfigError`, an unknown config key) into `error: ...` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import configs
+from lm.config import ConfigError
+
+CONFIGS = Path(configs.__file__).parent
+
+
+def config_file(name: str) -> str:
+    """The packaged config `name` (e.g. "isoflop/tiny.py"), wherever lm is installed."""
+    return str(CONFIGS / name)
+
+
+def _unknown_key(e: Exception) -> str:
+    """ml_collections' message for a missing key, with its did-you-mean, on one line."""
+    text = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+    key, _, hint = text.replace("\\'", "'").partition(" Did you mean")
+    return f"{key} (did you mean{hint[:-1]}?)" if hint else key
+
+
+def define_config(default: str, help_text: str) -> None:
+    """`--config` (a config file; default: the packaged `default`) and its overrides."""
+    from ml_collections import config_flags
+
+    try:
+        config_flags.DEFINE_config_file("config", config_file(default), help_text)
+    except (KeyError, AttributeError) as e:  # ml_collections parses overrides at definition
+        sys.exit(f"error: unknown config key {_unknown_key(e)}")
+    except (TypeError, ValueError) as e:
+        sys.exit(f"error: a --config override does not fit its field: {e}")
+
+
+def run(body: Callable[[], None], argv: list[str]) -> None:
+    """Parse `argv` with absl, then run `body`; a `ConfigError` or unknown key ends in one line."""
+    from absl import app
+
+    def main(_):
+        try:
+            body()
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
+
+    app.run(main, argv=argv)
