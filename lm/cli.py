@@ -2,7 +2,8 @@
 
 Each entry point defines its absl flags, calls `define_config` for a `--config` file with
 `--config.x=y` overrides, and hands its body to `run`, which turns the errors a user can fix
-(`ConfigError`, an unknown config key) into `error: ...` and exit status 1.
+(`ConfigError` and its `FileError`, an unknown config key, a path the OS refused) into one line,
+`error: ...`, and exit status 1.
 """
 
 from __future__ import annotations
@@ -50,5 +51,9 @@ def run(body: Callable[[], None], argv: list[str]) -> None:
             body()
         except ConfigError as e:
             sys.exit(f"error: {e}")
+        except OSError as e:  # a full disk, a read-only or missing folder: which path, and why
+            if e.filename is None:
+                raise
+            sys.exit(f"error: {e.filename}: {e.strerror}")
 
     app.run(main, argv=argv)

@@ -23,6 +23,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from lm.config import ConfigError
+
 COPY_STEP = 1 << 24  # elements copied at a time from a raw stream into its .npy
 HEARTBEAT_SECONDS = 10.0  # a RunLock's holder touches it this often
 STALE_SECONDS = 120.0  # a lock untouched this long (or whose holder died on this host) is broken
@@ -36,6 +38,27 @@ def cache_root() -> Path:
 def run_dir(sweep_dir: str | Path, name: str) -> Path:
     """The workdir of run `name` in a sweep."""
     return Path(sweep_dir) / "runs" / name
+
+
+class FileError(ConfigError):
+    """A run or sweep file that is missing, unreadable or malformed; the message names the file."""
+
+
+def read_json(path: str | Path, kind: type = dict, keys: Iterable[str] = ()) -> Any:
+    """The JSON in `path`, checked to be a `kind` holding `keys`; a `FileError` naming it if not."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(obj, kind):
+        raise FileError(f"{path}: expected a JSON {kind.__name__}, found {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise FileError(f"{path}: missing {', '.join(map(repr, missing))}")
+    return obj
 
 
 def _merged(base: dict, saved: dict) -> dict:
