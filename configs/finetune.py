@@ -8,22 +8,25 @@ own schedule, on your text by default:
         --workdir=runs/tuned --config.data.text_dir=my_texts/
 """
 
-import json
 from pathlib import Path
 
 import ml_collections
 
 from configs import train
+from lm.config import ConfigError
+from lm.files import FileError, read_json
 
 
 def get_config(run_dir: str = "") -> ml_collections.ConfigDict:
     if not run_dir:
-        raise ValueError("use --config=configs/finetune.py:RUN_DIR, RUN_DIR being the workdir of "
-                         "the run to start from")
+        raise ConfigError("use --config=configs/finetune.py:RUN_DIR, RUN_DIR being the workdir of "
+                          "the run to start from")
     saved = Path(run_dir) / "config.json"
     if not saved.exists():
-        raise ValueError(f"{saved} does not exist: RUN_DIR must be the workdir of a trained run")
-    pretrained = json.loads(saved.read_text())
+        raise FileError(f"{saved} does not exist: RUN_DIR must be the workdir of a trained run")
+    pretrained = read_json(saved, keys=("model", "data"))
+    if not all(isinstance(pretrained[k], dict) for k in ("model", "data")):
+        raise FileError(f"{saved}: 'model' and 'data' must be JSON objects")
     c = train.get_config()
     c.model.update(pretrained["model"])
     for key in ("tokenizer", "sp_vocab_size", "data_dir", "seq_len", "batch_size"):

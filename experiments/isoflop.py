@@ -1,8 +1,9 @@
 """IsoFLOP sweep, end to end: `python -m experiments.isoflop [--config=...] [--sweep_dir=...]`.
 
 Plans the runs (pure), writes plan.json, trains what is missing (skipping completed runs,
-resuming interrupted ones), then runs `lm.analysis` on the sweep directory and prints the
-headline: the fitted exponents with intervals and the optimum at the next budget up.
+resuming interrupted ones), then runs `lm.analysis` on what completed and prints the headline:
+the fitted exponents with intervals and the optimum at the next budget up. Runs that did not
+finish are listed with why (SWEEP/status.json), and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ml_collections
 from experiments import launch
 from experiments.plan import Run, format_plan, plan, trained_flops
 from lm.config import ConfigError
-from lm.files import run_dir, write_json_atomic
+from lm.files import read_json, run_dir, write_json_atomic
 from lm.metrics import format_duration
 from lm.process import setup
 
@@ -27,7 +28,7 @@ def write_plan(sweep_dir: Path, sweep: ml_collections.ConfigDict, runs: list[Run
     """Record the plan; refuse a run whose workdir already holds a different config."""
     for r in runs:
         saved = run_dir(sweep_dir, r.name) / "config.json"
-        if saved.exists() and json.loads(saved.read_text()) != json.loads(r.config.to_json()):
+        if saved.exists() and read_json(saved) != json.loads(r.config.to_json()):
             raise ConfigError(
                 f"{saved.parent} was trained with a different config than this sweep plans; "
                 "use a new --sweep_dir (or delete that run) to change the sweep")
@@ -89,7 +90,6 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_float("flops_per_second", 0.0, "dry run: estimate times at this training rate "
                        "(e.g. 3.5e14 for an H100 at 35 % MFU) instead of measuring this machine")
     flags.DEFINE_enum("runner", None, ["local", "subprocess", "slurm"], "override config.runner")
-    flags.DEFINE_string("slurm_cluster", None, "submitit cluster: None (auto) or 'local' (tests)")
     flags.DEFINE_bool("analyse", True, "run lm.analysis on the sweep after training")
     flags.DEFINE_enum("preflight", None, ["cuda", "tpu"],
                       "lower every planned run's train step for this platform (lm.bench "
@@ -106,6 +106,7 @@ def main(argv: list[str]) -> None:
         sweep = f.config
         sweep_dir = Path(f.sweep_dir or sweep.sweep_dir).absolute()
         try:
+            launch.validate_slurm(sweep.slurm)
             runs = plan(sweep, sweep_dir)
             if f.preflight:
                 from lm.bench import preflight
@@ -113,34 +114,45 @@ def main(argv: list[str]) -> None:
                 devices = f.preflight_devices or sweep.slurm.gpus_per_node * sweep.slurm.nodes
                 sys.exit(1 if preflight([(r.name, r.config) for r in runs], f.preflight,
                                         devices) else 0)
+            # Trunks before their branches (a sequential runner never waits on itself), and the
+            # costliest runs first, so parallel workers finish together instead of one trailing.
+            todo = [r.name for r in sorted(runs, key=lambda r: (r.after is not None,
+                                                                -trained_flops(r)))
+                    if not launch.is_done(sweep_dir, r.name)]
+            runner = f.runner or sweep.runner
             if f.dry_run:
                 rate = f.flops_per_second
                 print(format_plan(runs, 1 / rate if rate > 0 else measured_seconds_per_flop(runs)))
+                if runner == "slurm" and todo:
+                    print(f"\nsbatch script for the {len(todo)} run(s) to submit:\n")
+                    print(launch.sbatch_script(sweep_dir, sweep.slurm, sweep.name, len(todo)))
                 return
             write_plan(sweep_dir, sweep, runs)
         except ConfigError as e:
             sys.exit(f"error: {e}")
-        # Trunks before their branches (a sequential runner never waits on itself), and the
-        # costliest runs first, so parallel workers finish together instead of one trailing.
-        todo = [r.name for r in sorted(runs, key=lambda r: (r.after is not None, -trained_flops(r)))
-                if not launch.is_done(sweep_dir, r.name)]
         print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} already done",
               flush=True)
         report = Progress(sweep_dir, runs)
-        runner = f.runner or sweep.runner
         if todo and runner == "local":
             launch.run_local(sweep_dir, todo, report)
         elif todo and runner == "subprocess":
             launch.run_subprocesses(sweep_dir, todo, sweep.workers, report)
         elif todo:
-            launch.run_slurm(sweep_dir, todo, sweep.slurm, f.slurm_cluster)
+            launch.run_slurm(sweep_dir, todo, sweep.slurm, sweep.name, report)
         report()
-        if f.analyse:
+        stuck, busy = launch.unfinished(sweep_dir, [r.name for r in runs])
+        if f.analyse and len(stuck) + len(busy) < len(runs):
             from lm import analysis
 
             fits = analysis.run(sweep_dir, n=sweep.analysis.n, bootstrap=sweep.analysis.bootstrap)
             print(f"report: {sweep_dir / 'report.md'}")
             print(analysis.summary(fits, next_budget=10 * max(sweep.budgets)))
+        if busy:
+            print("still training elsewhere:\n  " + "\n  ".join(busy), flush=True)
+        if stuck:
+            print(f"{len(stuck)} of {len(runs)} runs not done (rerun the same command to "
+                  "train them):\n  " + "\n  ".join(stuck), flush=True)
+            sys.exit(1)
 
     cli.run(run, argv)
 

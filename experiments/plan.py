@@ -4,12 +4,14 @@ step count that meets its FLOP budget (and, in `wsd` mode, its trunk); see docs/
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
-from lm.config import ConfigError
+from lm.config import ConfigError, fail, validate
 from lm.files import run_dir
 from lm.sizing import count_params, flops_per_token, flops_per_token_6n, model_for_shape, shape_for_params
 
@@ -58,17 +60,18 @@ def parse_shapes(spec: str, field: str) -> list[tuple[int, int]]:
 
 
 def budget_models(sweep: ml_collections.ConfigDict, i: int, budget: float):
-    """Model configs of budget i: the explicit shapes, or sizes generated around the optimum."""
+    """Model configs of budget i and their parameter targets: the explicit shapes (no targets), or
+    sizes generated around the optimum."""
     base = sweep.train.model
     if sweep.shapes:
         return [model_for_shape(base, d, n_layers, head_dim=sweep.head_dim, ffn_ratio=sweep.ffn_ratio)
-                for d, n_layers in parse_shapes(sweep.shapes[i], f"shapes[{i}]")]
+                for d, n_layers in parse_shapes(sweep.shapes[i], f"shapes[{i}]")], []
     centre = math.sqrt(budget / (6 * sweep.tokens_per_param))
     k = sweep.sizes_per_budget
     targets = [centre * sweep.size_span ** (j / (k - 1) - 0.5) for j in range(k)] if k > 1 else [
         centre]
     return [shape_for_params(target, aspect_ratio=sweep.aspect_ratio, head_dim=sweep.head_dim,
-                             ffn_ratio=sweep.ffn_ratio, base=base) for target in targets]
+                             ffn_ratio=sweep.ffn_ratio, base=base) for target in targets], targets
 
 
 def _batch_size(sweep, n_params: int, data_parallel: int) -> int:
@@ -79,25 +82,109 @@ def _batch_size(sweep, n_params: int, data_parallel: int) -> int:
     return max(data_parallel, 2 ** round(math.log2(max(scaled, 1))))
 
 
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+MODES = ("cosine", "wsd")
+FLOPS = ("exact", "6nd")
+RUNNERS = ("local", "subprocess", "slurm")
+# Every sweep field but budgets, shapes and train (checked together below) and slurm (by launch):
+# what it must be, and the words that say so.
+FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (lambda v: isinstance(v, str) and v != "", "must be a non-empty string"),
+    "sweep_dir": (lambda v: isinstance(v, str) and v != "", "must name a directory (--sweep_dir's default)"),
+    "head_dim": (lambda v: _integer(v) and v > 0, "must be a positive integer (the width heads aim at)"),
+    "ffn_ratio": (lambda v: _real(v) and v > 0, "must be > 0 (d_ff / d_model)"),
+    "sizes_per_budget": (lambda v: _integer(v) and v > 0, "must be a positive integer"),
+    "size_span": (lambda v: _real(v) and v > 1, "must be > 1 (largest / smallest generated size)"),
+    "tokens_per_param": (lambda v: _real(v) and v > 0, "must be > 0 (where generated sizes centre)"),
+    "aspect_ratio": (lambda v: _real(v) and v > 0, "must be > 0 (d_model / n_layers of generated sizes)"),
+    "batch_exponent": (lambda v: _real(v) and 0 <= v <= 1,
+                       "must lie in [0, 1] (0: every run takes train.data.batch_size)"),
+    "batch_ref_params": (lambda v: _real(v) and v > 0, "must be > 0 (the size that gets the base batch)"),
+    "mode": (lambda v: v in MODES, "must be 'cosine' (independent runs) or 'wsd' (cooldown branches "
+             "from one trunk per size)"),
+    "cooldown_frac": (lambda v: _real(v) and 0 < v < 1, "must lie in (0, 1): the fraction of each wsd "
+                      "run spent cooling down"),
+    "flops": (lambda v: v in FLOPS, "must be 'exact' (Appendix F) or '6nd'"),
+    "runner": (lambda v: v in RUNNERS, f"must be one of {', '.join(RUNNERS)}"),
+    "workers": (lambda v: _integer(v) and v > 0, "must be a positive integer (parallel runs of the "
+                "subprocess runner)"),
+    "analysis.n": (lambda v: v in ("total", "non_embedding"), "must be 'total' or 'non_embedding'"),
+    "analysis.bootstrap": (lambda v: _integer(v) and v >= 0, "must be an integer >= 0 (0: no intervals)"),
+}
+
+
+def _field(sweep: ml_collections.ConfigDict, name: str) -> Any:
+    """sweep.<name> (dotted); a config without it says which field it lacks."""
+    value = sweep
+    for key in name.split("."):
+        if key not in value:
+            raise ConfigError(f"config.{name} is missing: start the sweep config from "
+                              "configs/isoflop/tiny.py, which sets every field")
+        value = value[key]
+    return value
+
+
+def _devices(shape: Any) -> int:
+    """The fewest devices a mesh shape fits (its fixed axes): the count a run's config is checked on here,
+    before the runner knows how many it gets."""
+    fixed = [s for s in shape if _integer(s) and s > 0] if isinstance(shape, tuple | list) else []
+    return math.prod(fixed) or 1
+
+
+def validate_config(config: ml_collections.ConfigDict, where: str) -> None:
+    """A run's config through lm.config.validate, its fields named as the sweep names them."""
+    try:
+        validate(config, _devices(config.mesh.shape))
+    except ConfigError as e:
+        text = str(e)
+        raise ConfigError(where + ("config.train." + text.removeprefix("config.")
+                                   if text.startswith("config.") else text)) from None
+
+
 def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
-    if not sweep.budgets:
-        raise ConfigError("config.budgets = () is not allowed: list at least one FLOP budget")
-    if any(not b > 0 for b in sweep.budgets):
-        raise ConfigError(f"config.budgets = {tuple(sweep.budgets)} is not allowed: budgets "
-                          "must be positive FLOP counts")
-    if len(set(sweep.budgets)) != len(sweep.budgets):
-        raise ConfigError(f"config.budgets = {tuple(sweep.budgets)} has duplicates")
-    if sweep.shapes and len(sweep.shapes) != len(sweep.budgets):
-        raise ConfigError(f"config.shapes has {len(sweep.shapes)} entries for "
-                          f"{len(sweep.budgets)} budgets: give one shape list per budget")
-    if not sweep.shapes and (sweep.sizes_per_budget < 1 or not sweep.size_span >= 1):
-        raise ConfigError(f"config.sizes_per_budget = {sweep.sizes_per_budget}, config.size_span"
-                          f" = {sweep.size_span}: need at least 1 size and a span >= 1")
-    if sweep.flops not in ("exact", "6nd"):
-        raise ConfigError(f"config.flops = {sweep.flops!r} is not allowed: 'exact' or '6nd'")
-    if sweep.mode not in ("cosine", "wsd"):
-        raise ConfigError(f"config.mode = {sweep.mode!r} is not allowed: 'cosine' (independent "
-                          "runs) or 'wsd' (cooldown branches from one trunk per size)")
+    """Every sweep field against what it means (the slurm section is launch's), before planning."""
+    for name, (ok, allowed) in FIELDS.items():
+        value = _field(sweep, name)
+        if not ok(value):
+            fail(name, value, allowed)
+    budgets, shapes = _field(sweep, "budgets"), _field(sweep, "shapes")
+    if not isinstance(budgets, tuple | list) or not budgets:
+        fail("budgets", budgets, "list at least one FLOP budget, e.g. (1e12, 3e12)")
+    if any(not (_real(b) and b > 0) for b in budgets):
+        fail("budgets", tuple(budgets), "budgets must be positive FLOP counts")
+    if len(set(budgets)) != len(budgets):
+        fail("budgets", tuple(budgets), "has duplicates: every budget once")
+    if not isinstance(shapes, tuple | list) or any(not isinstance(s, str) for s in shapes):
+        fail("shapes", shapes, "must be a tuple of strings like '16x1,24x2' (empty: generated sizes)")
+    if shapes and len(shapes) != len(budgets):
+        fail("shapes", tuple(shapes), f"has {len(shapes)} entries for {len(budgets)} budgets: give one "
+             "shape list per budget")
+    for i, spec in enumerate(shapes):
+        parse_shapes(spec, f"shapes[{i}]")
+    validate_config(_field(sweep, "train"), "")
+
+
+def _too_small(sweep: ml_collections.ConfigDict, budget: float, targets: list[float]) -> str:
+    """Why generated sizes collapsed when the smallest target is below the smallest model the shape rules
+    build ('' when it is not: then the sizes are only too close together)."""
+    smallest = shape_for_params(1, aspect_ratio=sweep.aspect_ratio, head_dim=sweep.head_dim,
+                                ffn_ratio=sweep.ffn_ratio, base=sweep.train.model)
+    n_min = count_params(smallest).total
+    if targets[0] >= n_min:
+        return ""
+    need = 6 * sweep.tokens_per_param * (n_min * math.sqrt(sweep.size_span)) ** 2
+    return (f"budget {sci(budget)} is too small for generated sizes: the smallest would have "
+            f"{targets[0]:.3g} params, but the smallest model the shape rules build "
+            f"({smallest.d_model}x{smallest.n_layers}) has {n_min:,}; sizes that start there need a budget "
+            f"of at least {need:.3g} FLOPs (tokens_per_param = {sweep.tokens_per_param:g}, size_span = "
+            f"{sweep.size_span:g}), or give explicit config.shapes")
 
 
 def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
@@ -106,11 +193,12 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
     validate_sweep(sweep)
     runs: list[Run] = []
     for i, budget in enumerate(sweep.budgets):
-        models = budget_models(sweep, i, budget)
+        models, targets = budget_models(sweep, i, budget)
         sizes = [(m.d_model, m.n_layers) for m in models]
         if len(set(sizes)) != len(sizes):
             dup = sorted({s for s in sizes if sizes.count(s) > 1})
-            raise ConfigError(f"budget {sci(budget)} has duplicate model sizes {dup}: widen "
+            too_small = _too_small(sweep, budget, targets) if targets else ""
+            raise ConfigError(too_small or f"budget {sci(budget)} has duplicate model sizes {dup}: widen "
                               "config.size_span or give fewer sizes")
         for m in models:
             pc = count_params(m)
@@ -143,7 +231,10 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a name: {sorted({n for n in names if names.count(n) > 1})}")
-    return wsd_branches(runs, sweep) if sweep.mode == "wsd" else runs
+    runs = wsd_branches(runs, sweep) if sweep.mode == "wsd" else runs
+    for r in runs:
+        validate_config(r.config, f"run {r.name} as planned: ")
+    return runs
 
 
 def wsd_branches(runs: list[Run], sweep: ml_collections.ConfigDict) -> list[Run]:

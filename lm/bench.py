@@ -23,7 +23,7 @@ timed on a random subset of the starts and extrapolated.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import math
 import re
@@ -37,12 +37,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 from jax.sharding import AbstractMesh, AxisType
 
 from lm import sharding
-from lm.config import ATTENTION, validate
+from lm.config import ATTENTION, ConfigError, validate
 from lm.config import defaults as get_config
-from lm.metrics import device_peak_flops
+from lm.metrics import device_peak_flops, utilization
 from lm.process import setup
 from lm.sizing import count_params, flops_per_token, flops_per_token_palm
 
@@ -56,7 +57,7 @@ def shape_config(base: ml_collections.ConfigDict, shape: str) -> ml_collections.
     try:
         d, n_layers, heads, seq_len, batch = (int(x) for x in shape.split(","))
     except ValueError:
-        raise ValueError(f"--shape={shape!r}: expected five integers d,L,H,T,B") from None
+        raise ConfigError(f"--shape={shape!r}: expected five integers d,L,H,T,B") from None
     c = ml_collections.ConfigDict(base.to_dict())
     c.mesh.shape = tuple(c.mesh.shape)
     c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_ff = d, n_layers, heads, 4 * d
@@ -96,14 +97,15 @@ def benchmark(config: ml_collections.ConfigDict, steps: int = 10, warmup: int = 
     step_s = statistics.median(times)
     tokens = config.data.batch_size * seq
     fpt, fpt_palm = flops_per_token(m, seq), flops_per_token_palm(m, seq)
-    peak = device_peak_flops() * jax.device_count()
+    achieved, achieved_palm = tokens * fpt / step_s, tokens * fpt_palm / step_s
+    mfu, mfu_palm = (utilization(r, jax.device_count()) for r in (achieved, achieved_palm))
     return {
         "shape": _shape(config),
         "n_params": count_params(m).total, "dtype": m.dtype, "devices": jax.device_count(),
         "device": jax.devices()[0].device_kind, "tokens_per_sec": tokens / step_s,
         "step_ms": 1e3 * step_s, "flops_per_token": fpt, "flops_per_token_palm": fpt_palm,
-        "achieved_flops": tokens * fpt / step_s, "peak_flops": peak,
-        "mfu": tokens * fpt / step_s / peak, "mfu_palm": tokens * fpt_palm / step_s / peak,
+        "achieved_flops": achieved, "peak_flops": device_peak_flops() * jax.device_count(),
+        "mfu": mfu, "mfu_palm": mfu_palm,
         "compile_s": trainer.compile_seconds, "page_faults": int(statistics.median(faults)),
     }
 
@@ -244,6 +246,8 @@ def data_benchmark(data_overrides: dict[str, Any], steps: int) -> dict[str, Any]
 
     config = get_config()
     config.data.update(data_overrides)
+    config.model.vocab_size = data_lib.expected_vocab_size(config.data)
+    data_lib.validate_data_config(config)
     start = time.perf_counter()
     ds = data_lib.build_dataset(config)
     build_s = time.perf_counter() - start
@@ -331,9 +335,65 @@ OPTION_MODES = {
     "sp_vocab_size": {"data"}, "seq_len": {"data"}, "batch_size": {"data"}, "seed": {"data"},
     "points": {"fit"}, "scipy_starts": {"fit"}, "bootstrap": {"fit"},
 }
+DESCRIBE = {"step": "--what=step", "lower": "--lower_only", "data": "--what=data", "fit": "--what=fit"}
 
 
-def _parse_mesh(parser, value: str | None, lower_only: bool) -> tuple[int, ...] | None:
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """The flags of `python -m lm.bench`, on `fv` (tests parse their own)."""
+    s, i, b = (functools.partial(define, flag_values=fv)
+               for define in (flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_bool))
+    s("what", "step", "step: train-step throughput (default); data: input pipeline; "
+      "fit: approach-3 fit speed")
+    s("json", None, "also write the results to this file")
+    flags.DEFINE_multi_string("shape", None, "--what=step: d,L,H,T,B (repeatable)", flag_values=fv)
+    i("steps", None, "--what=step: timed steps (10); data: batches (200)")
+    i("warmup", None, "--what=step: untimed steps first (5; on CPU the heap grows over the first few)")
+    s("dtype", None, "--what=step: float32 or bfloat16")
+    s("remat", None, "--what=step: none, full or dots")
+    s("attention", None, f"--what=step: {', '.join(ATTENTION)}")
+    b("unroll_layers", False, "--what=step: unroll the layer scan")
+    s("mesh", None, "--what=step: data,fsdp,tensor (default: all data; --lower_only: 1,1,1)")
+    b("lower_only", False, "lower for --platform with jax.export on an abstract mesh of --mesh; no "
+      "device, nothing runs")
+    s("platform", None, f"--lower_only: the target, {' or '.join(PLATFORMS)}")
+    s("dataset", None, "--what=data: stdlib (default), folder or a tfds name")
+    s("text_dir", None, "--what=data: the folder of dataset=folder")
+    s("data_dir", None, "--what=data: where datasets and token caches live")
+    s("tokenizer", None, "--what=data: bytes (default) or sentencepiece")
+    i("sp_vocab_size", None, "--what=data: SentencePiece vocabulary")
+    i("seq_len", None, "--what=data: (128)")
+    i("batch_size", None, "--what=data: (16)")
+    i("seed", None, "--what=data: order of the windows")
+    i("points", None, "--what=fit: synthetic (N, D, loss) points (250)")
+    i("scipy_starts", None, "--what=fit: starts the scipy loop is timed on (300 of the 4,500; 0 skips it)")
+    i("bootstrap", None, "--what=fit: resamples (1000; 0 skips them)")
+
+
+def mode_of(f: flags.FlagValues) -> str:
+    """step, lower, data or fit: what the flags ask for; ConfigError naming a flag that does not
+    belong to it or a value that means nothing."""
+    if f.what not in WHAT:
+        raise ConfigError(f"--what={f.what!r} is not allowed: must be one of {', '.join(WHAT)}")
+    if f.lower_only and f.what != "step":
+        raise ConfigError(f"--lower_only lowers the train step; it does not apply to --what={f.what}")
+    if f.lower_only and f.platform not in PLATFORMS:
+        raise ConfigError(f"--lower_only needs --platform, one of {', '.join(PLATFORMS)}"
+                          + (f" (not {f.platform!r})" if f.platform else ""))
+    mode = "lower" if f.lower_only else f.what
+    for name, modes in OPTION_MODES.items():
+        if f[name].present and mode not in modes:
+            raise ConfigError(f"--{name} does not apply to {DESCRIBE[mode]}; it is read by "
+                              + " and ".join(DESCRIBE[m] for m in sorted(modes)))
+    for name in ("steps", "points", "sp_vocab_size", "seq_len", "batch_size"):
+        if f[name].value is not None and f[name].value < 1:
+            raise ConfigError(f"--{name}={f[name].value} is not allowed: must be a positive integer")
+    for name in ("warmup", "scipy_starts", "bootstrap"):
+        if f[name].value is not None and f[name].value < 0:
+            raise ConfigError(f"--{name}={f[name].value} is not allowed: must be >= 0")
+    return mode
+
+
+def _parse_mesh(value: str | None, lower_only: bool) -> tuple[int, ...] | None:
     if value is None:
         return (1, 1, 1) if lower_only else None
     try:
@@ -342,111 +402,68 @@ def _parse_mesh(parser, value: str | None, lower_only: bool) -> tuple[int, ...] 
         shape = ()
     if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or (
             lower_only and min(shape) < 1):
-        parser.error(f"--mesh={value!r}: expected data,fsdp,tensor, three "
-                     + ("positive integers (the abstract mesh's size)" if lower_only
-                        else "integers, each positive or -1 (the remaining devices)"))
+        raise ConfigError(f"--mesh={value!r}: expected data,fsdp,tensor, three "
+                          + ("positive integers (the abstract mesh's size)" if lower_only
+                             else "integers, each positive or -1 (the remaining devices)"))
     return shape
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lm.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--what", choices=WHAT, default="step",
-                        help="step: train-step throughput (default); data: input pipeline; "
-                             "fit: approach-3 fit speed")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    step = parser.add_argument_group("--what=step")
-    step.add_argument("--shape", action="append", help="d,L,H,T,B (repeatable)")
-    step.add_argument("--steps", type=int, default=None, help="timed steps (10); data: batches (200)")
-    step.add_argument("--warmup", type=int, default=None,
-                      help="untimed steps first (5; on CPU the heap grows over the first few)")
-    step.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    step.add_argument("--remat", choices=("none", "full", "dots"), default=None)
-    step.add_argument("--attention", choices=ATTENTION, default=None)
-    step.add_argument("--unroll_layers", action="store_true", default=None,
-                      help="unroll the layer scan")
-    step.add_argument("--mesh", default=None,
-                      help="data,fsdp,tensor (default: all data; --lower_only: 1,1,1)")
-    step.add_argument("--lower_only", action="store_true",
-                      help="lower for --platform with jax.export on an abstract mesh of --mesh; "
-                           "no device, nothing runs")
-    step.add_argument("--platform", choices=PLATFORMS, default=None, help="--lower_only: the target")
-    data = parser.add_argument_group("--what=data")
-    data.add_argument("--dataset", default=None, help="stdlib (default), folder or a tfds name")
-    data.add_argument("--text_dir", default=None)
-    data.add_argument("--data_dir", default=None)
-    data.add_argument("--tokenizer", default=None, help="bytes (default) or sentencepiece")
-    data.add_argument("--sp_vocab_size", type=int, default=None)
-    data.add_argument("--seq_len", type=int, default=None, help="(128)")
-    data.add_argument("--batch_size", type=int, default=None, help="(16)")
-    data.add_argument("--seed", type=int, default=None)
-    fit = parser.add_argument_group("--what=fit")
-    fit.add_argument("--points", type=int, default=None, help="synthetic (N, D, loss) points (250)")
-    fit.add_argument("--scipy_starts", type=int, default=None,
-                     help="starts the scipy loop is timed on (300 of the 4,500; 0 skips it)")
-    fit.add_argument("--bootstrap", type=int, default=None, help="resamples (1000; 0 skips them)")
-    args = parser.parse_args(argv)
-    if args.lower_only and args.what != "step":
-        parser.error(f"--lower_only lowers the train step; it does not apply to --what={args.what}")
-    if args.lower_only and args.platform is None:
-        parser.error(f"--lower_only needs --platform, one of {', '.join(PLATFORMS)}")
-    mode = "lower" if args.lower_only else args.what
-    describe = {"step": "--what=step", "lower": "--lower_only", "data": "--what=data",
-                "fit": "--what=fit"}
-    for name, modes in OPTION_MODES.items():
-        if getattr(args, name) is not None and mode not in modes:
-            parser.error(f"--{name} does not apply to {describe[mode]}; it is read by "
-                         + " and ".join(describe[m] for m in sorted(modes)))
-    for name in ("steps", "points", "sp_vocab_size", "seq_len", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name}={getattr(args, name)}: must be a positive integer")
-    for name in ("warmup", "scipy_starts", "bootstrap"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name}={getattr(args, name)}: must be >= 0")
+def run(f: flags.FlagValues) -> list[dict[str, Any]]:
+    """The benchmark the parsed flags `f` ask for, one printed line per result; every flag is
+    checked first (ConfigError)."""
+    mode = mode_of(f)
+    configs = _step_configs(f) if mode in ("step", "lower") else []  # all checked before compiling
     setup()
-    if args.what == "data":
-        overrides = {k: getattr(args, k) for k in OPTION_MODES if "data" in OPTION_MODES[k]
-                     and k != "steps" and getattr(args, k) is not None}
-        results = [data_benchmark(overrides, args.steps or 200)]
+    if mode == "data":
+        overrides = {k: f[k].value for k in OPTION_MODES if "data" in OPTION_MODES[k]
+                     and k != "steps" and f[k].value is not None}
+        results = [data_benchmark(overrides, f.steps or 200)]
         print(format_line(results[0]), flush=True)
-    elif args.what == "fit":
-        results = [fit_benchmark(args.points or 250, 300 if args.scipy_starts is None
-                                 else args.scipy_starts,
-                                 1000 if args.bootstrap is None else args.bootstrap)]
+    elif mode == "fit":
+        results = [fit_benchmark(f.points or 250, 300 if f.scipy_starts is None else f.scipy_starts,
+                                 1000 if f.bootstrap is None else f.bootstrap)]
         print(format_line(results[0]), flush=True)
     else:
-        results = _step(parser, args)
-    if args.json:
+        results = []
+        for config in configs:
+            r = lower(config, f.platform) if f.lower_only else benchmark(
+                config, f.steps or 10, 5 if f.warmup is None else f.warmup)
+            print(format_line(r), flush=True)
+            results.append(r)
+    if f.json:
         from lm.files import write_json_atomic
 
-        write_json_atomic(args.json, results)
-    if any(r.get("lowered", "ok") != "ok" for r in results):
-        sys.exit(1)
+        write_json_atomic(f.json, results)
+    return results
 
 
-def _step(parser, args) -> list[dict[str, Any]]:
-    """Train-step throughput, or its lowering: one line per shape as each one finishes."""
+def _step_configs(f: flags.FlagValues) -> list[ml_collections.ConfigDict]:
+    """The config of each --shape, validated (for --mesh's devices with --lower_only)."""
     base = get_config()
     for name in ("dtype", "remat", "attention"):
-        if getattr(args, name):
-            base.model[name] = getattr(args, name)
-    base.model.unroll_layers = bool(args.unroll_layers)
-    mesh = _parse_mesh(parser, args.mesh, args.lower_only)
+        if f[name].value:
+            base.model[name] = f[name].value
+    base.model.unroll_layers = f.unroll_layers
+    mesh = _parse_mesh(f.mesh, f.lower_only)
     if mesh is not None:
         base.mesh.shape = mesh
-    devices = math.prod(mesh) if args.lower_only else None
-    try:  # every shape checked before the first compilation
-        configs = [shape_config(base, shape) for shape in args.shape or DEFAULT_SHAPES]
-        for c in configs:
-            validate(c, n_devices=devices)
-    except ValueError as e:
-        parser.error(str(e))
-    results = []
-    for config in configs:
-        r = lower(config, args.platform) if args.lower_only else benchmark(
-            config, args.steps or 10, 5 if args.warmup is None else args.warmup)
-        print(format_line(r), flush=True)
-        results.append(r)
-    return results
+    configs = [shape_config(base, shape) for shape in f.shape or DEFAULT_SHAPES]
+    for c in configs:
+        validate(c, n_devices=math.prod(mesh) if f.lower_only else None)
+    return configs
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lm.bench ARGV` (default: this process's arguments); once per process, as absl."""
+    from lm import cli
+
+    define_flags()
+
+    def body() -> None:
+        if any(r.get("lowered", "ok") != "ok" for r in run(flags.FLAGS)):
+            sys.exit(1)
+
+    cli.run(body, ["lm.bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

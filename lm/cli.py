@@ -42,9 +42,32 @@ def define_config(default: str, help_text: str) -> None:
         sys.exit(f"error: a --config override does not fit its field: {e}")
 
 
+def _parse(argv: list[str]) -> list[str]:
+    """Parse `argv` into absl's flags once; a bad flag, a config file's `ConfigError` (e.g.
+    configs/finetune.py:RUN_DIR naming no run) or a stray argument ends in one line."""
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        found, cause = e, e.__context__
+        while cause is not None:  # ml_collections re-raises it with the traceback as its message
+            found = cause if isinstance(cause, ConfigError) else found
+            cause = cause.__context__
+        sys.exit(f"error: {found}")
+    except (KeyError, AttributeError) as e:
+        sys.exit(f"error: unknown config key {_unknown_key(e)}")
+    if len(rest) > 1:
+        sys.exit(f"error: unexpected arguments {' '.join(rest[1:])!r} (every option is a --flag)")
+    return rest
+
+
 def run(body: Callable[[], None], argv: list[str]) -> None:
-    """Parse `argv` with absl, then run `body`; a `ConfigError` or unknown key ends in one line."""
+    """Parse `argv` with absl, then run `body`; a `ConfigError` (from the body or a config file),
+    a bad flag or key, or a path the OS refused ends in one line."""
     from absl import app
+
+    rest = _parse(argv)
 
     def main(_):
         try:
@@ -56,4 +79,4 @@ def run(body: Callable[[], None], argv: list[str]) -> None:
                 raise
             sys.exit(f"error: {e.filename}: {e.strerror}")
 
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=lambda _: rest)

@@ -117,9 +117,49 @@ def positive(section: ml_collections.ConfigDict, prefix: str, names: Iterable[st
             fail(f"{prefix}.{name}", value, "must be a positive integer")
 
 
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite(section: ml_collections.ConfigDict, prefix: str, names: Iterable[str],
+           zero: bool = False) -> None:
+    """Each field a finite number > 0 (>= 0 with `zero`, where 0 disables what it controls)."""
+    for name in names:
+        value = section[name]
+        if not (_real(value) and (value >= 0 if zero else value > 0)):
+            fail(f"{prefix}.{name}", value,
+                 "must be a finite number >= 0 (0 disables it)" if zero else "must be a finite number > 0")
+
+
+def fraction(section: ml_collections.ConfigDict, prefix: str, names: Iterable[str],
+             below_one: bool = False) -> None:
+    """Each field in [0, 1] ([0, 1) with `below_one`)."""
+    for name in names:
+        value = section[name]
+        if not (_real(value) and 0 <= value and (value < 1 if below_one else value <= 1)):
+            fail(f"{prefix}.{name}", value, f"must lie in [0, 1{')' if below_one else ']'}")
+
+
+def boolean(section: ml_collections.ConfigDict, prefix: str, names: Iterable[str]) -> None:
+    for name in names:
+        if not isinstance(section[name], bool):
+            fail(f"{prefix}.{name}", section[name], "must be True or False")
+
+
 def choice(section: ml_collections.ConfigDict, prefix: str, name: str, allowed: tuple) -> None:
     if section[name] not in allowed:
         fail(f"{prefix}.{name}", section[name], f"must be one of {', '.join(allowed)}")
+
+
+def num_steps(config: ml_collections.ConfigDict) -> int:
+    """Optimizer steps of the run: train.steps, else train.tokens / (batch · seq_len)."""
+    if config.train.steps > 0:
+        return config.train.steps
+    per_step = config.data.batch_size * config.data.seq_len
+    if config.train.tokens < per_step:
+        fail("train.tokens", config.train.tokens, "must cover at least one batch of data.batch_size × "
+             f"data.seq_len = {per_step} tokens (or set train.steps > 0)")
+    return config.train.tokens // per_step
 
 
 def head_dim(m: ml_collections.ConfigDict) -> int:
@@ -144,13 +184,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     if m.attention == "cudnn" and (m.dtype != "bfloat16" or head_dim(m) % 8 or head_dim(m) > 128):
         fail("model.attention", m.attention, "cuDNN flash attention needs model.dtype='bfloat16' "
              f"and a head_dim that is a multiple of 8 up to 128 (it is {head_dim(m)})")
-    if not isinstance(m.unroll_layers, bool):
-        fail("model.unroll_layers", m.unroll_layers, "must be True or False")
-    for name in ("rope_theta", "norm_eps", "init_std"):
-        if not m[name] > 0:
-            fail(f"model.{name}", m[name], "must be > 0")
-
-
+    boolean(m, "model", ("tied_embeddings", "unroll_layers"))
+    finite(m, "model", ("rope_theta", "norm_eps", "init_std"))
 def mesh_shape(shape: Iterable[int], n_devices: int) -> tuple[int, int, int]:
     """Resolve a (data, fsdp, tensor) shape with at most one -1 against the device count."""
     shape = tuple(shape)
@@ -173,35 +208,53 @@ def validate_optim(o: ml_collections.ConfigDict) -> None:
     choice(o, "optim", "schedule", SCHEDULES)
     choice(o, "optim", "cooldown_shape", COOLDOWN_SHAPES)
     choice(o, "optim", "lr_rule", LR_RULES)
-    for name in ("peak_lr", "max_lr", "eps"):
-        if not o[name] > 0:
-            fail(f"optim.{name}", o[name], "must be > 0")
-    for name in ("warmup_frac", "final_frac", "cooldown_frac", "b1", "b2"):
-        if not 0 <= o[name] <= 1:
-            fail(f"optim.{name}", o[name], "must lie in [0, 1]")
-    if o.warmup_frac + (o.cooldown_frac if o.schedule == "wsd" else 0) > 1:
-        fail("optim.warmup_frac", o.warmup_frac, "warmup plus cooldown must not exceed the run")
-    for name in ("weight_decay", "clip_norm", "z_loss"):
-        if o[name] < 0:
-            fail(f"optim.{name}", o[name], "must be >= 0 (0 disables it)")
+    finite(o, "optim", ("peak_lr", "max_lr", "eps"))
+    if o.lr_rule == "constant" and o.peak_lr > o.max_lr:
+        fail("optim.peak_lr", o.peak_lr, f"exceeds optim.max_lr = {o.max_lr}, the cap on the learning "
+             "rate (raise optim.max_lr too)")
+    fraction(o, "optim", ("warmup_frac", "final_frac", "cooldown_frac"))
+    fraction(o, "optim", ("b1", "b2"), below_one=True)  # b2 = 1 never updates its second moment
+    finite(o, "optim", ("weight_decay", "clip_norm", "z_loss"), zero=True)
+    boolean(o, "optim", ("decay_embeddings",))
     positive(o, "optim", ("base_width",))
-    if o.warmup_steps < 0:
+    if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
         fail("optim.warmup_steps", o.warmup_steps, "must be >= 0 (0: use optim.warmup_frac)")
+
+
+def validate_schedule(config: ml_collections.ConfigDict) -> None:
+    """The warmup (and a WSD cooldown) fit in the run, so the learning rate reaches its peak."""
+    o, steps = config.optim, num_steps(config)
+    warmup = o.warmup_steps or round(o.warmup_frac * steps)
+    name, value = ("optim.warmup_steps", o.warmup_steps) if o.warmup_steps else (
+        "optim.warmup_frac", o.warmup_frac)
+    if warmup and warmup >= steps:
+        fail(name, value, f"gives {warmup} warmup steps: must be fewer than the run's {steps} steps, "
+             "or the learning rate never reaches its peak")
+    cooldown = round(o.cooldown_frac * steps) if o.schedule == "wsd" else 0
+    if warmup + cooldown > steps:
+        fail(name, value, f"gives {warmup} warmup steps, which with the {cooldown} of "
+             f"optim.cooldown_frac = {o.cooldown_frac} exceed the run's {steps} steps")
 
 
 def validate_train(config: ml_collections.ConfigDict) -> None:
     t = config.train
-    if t.steps < 0 or t.tokens < 0 or (t.steps == 0 and t.tokens <= 0):
+    if t.steps < 0:
+        fail("train.steps", t.steps, "must be >= 0 (0: train for train.tokens)")
+    if t.steps == 0 and t.tokens <= 0:
         fail("train.tokens", t.tokens, "must be > 0 (or set train.steps > 0)")
     positive(t, "train", ("microbatches", "log_every", "eval_every", "checkpoint_every",
                            "keep_checkpoints"))
-    if t.init_mode not in ("params", "state"):
-        fail("train.init_mode", t.init_mode, "must be 'params' (fine-tune) or 'state' (branch)")
-    if any(not isinstance(s, int) or s <= 0 for s in t.save_steps):
-        fail("train.save_steps", t.save_steps, "must be positive step numbers")
     if config.data.batch_size % t.microbatches:
         fail("train.microbatches", t.microbatches,
              f"must divide data.batch_size = {config.data.batch_size}")
+    steps = num_steps(config)
+    if any(not isinstance(s, int) or isinstance(s, bool) or not 0 < s <= steps for s in t.save_steps):
+        fail("train.save_steps", t.save_steps, f"must be step numbers from 1 to the run's {steps} steps")
+    choice(t, "train", "init_mode", ("params", "state"))
+    if not isinstance(t.init_step, int) or t.init_step < -1:
+        fail("train.init_step", t.init_step, "must be a step number >= 0, or -1 (the latest checkpoint)")
+    if t.init_step != -1 and not t.init_from:
+        fail("train.init_step", t.init_step, "is only read with train.init_from (the run to start from)")
 
 
 def validate(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
@@ -210,9 +263,12 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None) ->
 
     from lm import data
 
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
+        fail("seed", config.seed, "must be an integer from 0 to 2**63 - 1 (it seeds the initialisation)")
     validate_model(config.model)
     validate_optim(config.optim)
-    validate_train(config)
     n_devices = n_devices or jax.device_count()
     mesh_shape(config.mesh.shape, n_devices)
-    data.validate_data_config(config, n_devices)
+    data.validate_data_config(config, n_devices)  # first: the train checks divide by batch sizes
+    validate_train(config)
+    validate_schedule(config)

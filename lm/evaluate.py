@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import model as model_lib
+from lm.config import ConfigError
 
 
 def make_eval_step(graphdef):
@@ -41,6 +42,24 @@ def summarize(window_losses: np.ndarray, tokens_per_window: int, n_bytes: int) -
             "bytes": n_bytes}
 
 
+SPLITS = ("validation", "train")
+
+
+def check_arguments(step: int | None, dataset: str | None, max_batches: int, split: str,
+                    text_dir: str | None) -> None:
+    """ConfigError naming the first argument that means nothing, before anything is loaded."""
+    if step is not None and step < 0:
+        raise ConfigError(f"step = {step} is not allowed: must be >= 0 (or unset: the latest)")
+    if max_batches < 0:
+        raise ConfigError(f"max_batches = {max_batches} is not allowed: must be >= 0 "
+                          "(0: the run's data.eval_batches)")
+    if split not in SPLITS:
+        raise ConfigError(f"split = {split!r} is not allowed: must be one of {', '.join(SPLITS)}")
+    if dataset and text_dir:
+        raise ConfigError(f"dataset = {dataset!r} and text_dir = {text_dir!r}: give one of them "
+                          "(text_dir is dataset 'folder')")
+
+
 def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None = None,
              max_batches: int = 0, split: str = "validation", text_dir: str | None = None,
              ) -> dict[str, Any]:
@@ -49,16 +68,15 @@ def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None =
     from lm.checkpoint import load_run
     from lm.files import write_json_atomic
 
+    check_arguments(step, dataset, max_batches, split, text_dir)
     workdir = Path(workdir)
-    config, graphdef, params, step = load_run(workdir, step)
+    config, graphdef, params, step, _ = load_run(workdir, step)
     if dataset:
         config.data.dataset, config.data.text_dir = dataset, ""
     if text_dir:
         config.data.dataset, config.data.text_dir = "folder", text_dir
     if max_batches:
         config.data.eval_batches = max_batches
-    if split not in ("validation", "train"):
-        raise ValueError(f"--split={split!r}: must be 'validation' or 'train'")
     ds = data_lib.build_dataset(config)
     eval_step = jax.jit(make_eval_step(graphdef))
     losses, n_bytes = [], 0
@@ -74,31 +92,31 @@ def evaluate(workdir: str | Path, step: int | None = None, dataset: str | None =
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import flags
 
-    flags.DEFINE_string("workdir", None, "run directory")
+    from lm import cli
+
+    flags.DEFINE_string("workdir", "", "run directory")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     flags.DEFINE_string("dataset", None, "dataset to evaluate on (default: the run's)")
     flags.DEFINE_string("text_dir", None, "evaluate on this folder of .txt/.jsonl files instead")
     flags.DEFINE_string("split", "validation", "validation or train")
     flags.DEFINE_integer("max_batches", 0, "batches to evaluate (default: the run's eval_batches)")
-    flags.mark_flags_as_required(["workdir"])
 
-    def run(_):
+    def body() -> None:
         from lm.process import setup
 
         f = flags.FLAGS
+        if not f.workdir:
+            raise ConfigError("--workdir is required: the run directory to evaluate")
         setup()
-        try:
-            r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split, f.text_dir)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+        r = evaluate(f.workdir, f.step, f.dataset, f.max_batches, f.split, f.text_dir)
         print(f"step {r['step']} on {r['dataset']}/{r['split']}: loss {r['loss']:.4f} "
               f"± {r['loss_stderr']:.4f} | perplexity {r['perplexity']:.3f} | "
               f"{r['bits_per_byte']:.4f} bits/byte | {r['tokens']:,} tokens "
               f"-> {Path(f.workdir) / 'eval.json'}")
 
-    app.run(run, argv=argv)
+    cli.run(body, argv)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,17 @@ def config_from_json(obj: dict) -> ml_collections.ConfigDict:
     return config
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError in the block names `path`, the file it writes (a write or fsync on a full disk
+    names none; a temporary sibling's name means nothing to a user), so `lm.cli.run` can say
+    which path failed and why."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
 def temporary_path(path: Path, suffix: str = ".tmp") -> Path:
     """A unique sibling of `path` (same filesystem, so os.replace is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +98,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -184,9 +195,13 @@ class RunLock:
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.time()}, f)
+            try:
+                with naming(self.path), os.fdopen(fd, "w") as f:
+                    json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                               "since": time.time()}, f)
+            except BaseException:
+                self.path.unlink(missing_ok=True)  # a half-written lock would block the run
+                raise
             RunLock._held[self.path] = 1
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
@@ -214,23 +229,33 @@ class RunLock:
 
 
 def write_array_atomic(path: Path, chunks: Iterable[np.ndarray], dtype: np.dtype) -> int:
-    """Stream 1-D chunks into the flat .npy `path` without holding them all; returns its length."""
+    """Stream 1-D chunks into the flat .npy `path` without holding them all; returns its length.
+
+    The chunks go to a raw temporary file (their count is unknown until the end), then into the
+    .npy with its space reserved first, so a full disk is an OSError naming `path`, never a
+    SIGBUS in a memory map; no temporary file outlives the call.
+    """
     raw, npy = temporary_path(path, ".raw"), temporary_path(path, ".npy")
+    dtype = np.dtype(dtype)
     try:
         n = 0
-        with open(raw, "wb") as f:
+        with naming(path), open(raw, "wb") as f:
             for chunk in chunks:
                 chunk = np.asarray(chunk, dtype=dtype)
                 chunk.tofile(f)
                 n += chunk.size
-        out = np.lib.format.open_memmap(npy, mode="w+", dtype=dtype, shape=(n,))
-        if n:
-            src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
-            for i in range(0, n, COPY_STEP):
-                out[i:i + COPY_STEP] = src[i:i + COPY_STEP]
-            del src
-        out.flush()
-        del out
+        with naming(path), open(npy, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {
+                "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+            if n:
+                f.flush()
+                os.posix_fallocate(f.fileno(), f.tell(), n * dtype.itemsize)
+                src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
+                for i in range(0, n, COPY_STEP):
+                    src[i:i + COPY_STEP].tofile(f)
+                del src
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(npy, path)
         return n
     finally:

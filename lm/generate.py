@@ -7,6 +7,7 @@ prompt is fed its prompt token, the others their last sample. Temperature 0 is g
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,6 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from lm.config import ConfigError
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """ConfigError naming the first sampling setting that means nothing (a negative temperature,
+    top_p = 0, ...), before anything is loaded or compiled."""
+    rules = (("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "must be a positive integer"),
+             ("temperature", temperature, 0 <= temperature < math.inf,
+              "must be a finite number >= 0 (0 is greedy)"),
+             ("top_k", top_k, top_k >= 0, "must be >= 0 (0 keeps every token)"),
+             ("top_p", top_p, 0 < top_p <= 1, "must lie in (0, 1] (1 keeps every token)"))
+    for name, value, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{name} = {value!r} is not allowed: {rule}")
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -55,11 +71,12 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
              seed: int = 0, eos_id: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens (stopping at `eos_id`)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     lengths = [len(p) for p in prompts]
-    if min(lengths) < 1:
-        raise ValueError("every prompt needs at least one token")
+    if not lengths or min(lengths) < 1:
+        raise ConfigError(f"prompts: {len(prompts)} given, and every one needs at least one token")
     if max(lengths) + max_new_tokens > context:
-        raise ValueError(
+        raise ConfigError(
             f"prompt of {max(lengths)} tokens + max_new_tokens={max_new_tokens} exceeds the "
             f"model's context of {context} tokens")
     batch = np.zeros((len(prompts), max(lengths)), np.int32)
@@ -110,44 +127,45 @@ class Streamer:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import flags
 
-    flags.DEFINE_string("workdir", None, "run directory")
+    from lm import cli
+
+    flags.DEFINE_string("workdir", "", "run directory")
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-    flags.DEFINE_multi_string("prompt", None, "prompt text (repeat the flag for a batch)")
+    flags.DEFINE_multi_string("prompt", [], "prompt text (repeat the flag for a batch)")
     flags.DEFINE_integer("max_new_tokens", 200, "tokens to generate per sample")
     flags.DEFINE_float("temperature", 0.8, "0 = greedy")
     flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0 = all)")
     flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)")
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_integer("num_samples", 1, "samples per prompt")
-    flags.mark_flags_as_required(["workdir", "prompt"])
 
-    def run(_):
+    def body() -> None:
         from lm.checkpoint import load_run
-        from lm.data import get_tokenizer
         from lm.process import setup
 
-        setup()
         f = flags.FLAGS
-        try:
-            config, graphdef, params, step = load_run(f.workdir, f.step)
-            tokenizer = get_tokenizer(config.data)
-            context = config.data.seq_len
-            prompts = [tokenizer.encode(p).tolist() for p in f.prompt for _ in range(f.num_samples)]
-            for text, ids in zip(f.prompt, prompts[:: f.num_samples], strict=True):
-                if len(ids) > context:
-                    raise ValueError(f"prompt {text[:40]!r}... is {len(ids)} tokens, longer than "
-                                     f"the model's context of {context} tokens")
-            stream = len(prompts) == 1
-            if stream:
-                print(f.prompt[0], end="", flush=True)
-            outs = generate(graphdef, params, prompts, f.max_new_tokens, context,
-                            temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                            seed=f.seed, eos_id=tokenizer.eos_id,
-                            on_token=Streamer(tokenizer) if stream else None)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
+        if not f.workdir or not f.prompt:
+            raise ConfigError("--workdir (a run directory) and --prompt (repeatable) are required")
+        if f.num_samples < 1:
+            raise ConfigError(f"num_samples = {f.num_samples} is not allowed: must be a positive integer")
+        check_sampling(f.max_new_tokens, f.temperature, f.top_k, f.top_p)
+        setup()
+        config, graphdef, params, step, tokenizer = load_run(f.workdir, f.step)
+        context = config.data.seq_len
+        prompts = [tokenizer.encode(p).tolist() for p in f.prompt for _ in range(f.num_samples)]
+        for text, ids in zip(f.prompt, prompts[:: f.num_samples], strict=True):
+            if not 0 < len(ids) <= context:
+                raise ConfigError(f"--prompt={text[:40]!r} is {len(ids)} tokens: a prompt needs 1 to "
+                                  f"the model's context of {context} tokens")
+        stream = len(prompts) == 1
+        if stream:
+            print(f.prompt[0], end="", flush=True)
+        outs = generate(graphdef, params, prompts, f.max_new_tokens, context,
+                        temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                        seed=f.seed, eos_id=tokenizer.eos_id,
+                        on_token=Streamer(tokenizer) if stream else None)
         if stream:
             print()
             return
@@ -155,7 +173,7 @@ def main(argv: list[str]) -> None:
             print(f"--- sample {i} (prompt {i // f.num_samples}, step {step})")
             print(f.prompt[i // f.num_samples] + tokenizer.decode(out))
 
-    app.run(run, argv=argv)
+    cli.run(body, argv)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None) -> bool:
     """Join a multi-process job; returns False (and does nothing) for a single process.
 
-    Explicit arguments win; otherwise a SLURM step with more than one task uses JAX's own
-    cluster detection. CPU-only jobs use gloo collectives so tests run without accelerators.
+    Explicit arguments win; otherwise a SLURM step with more than one task (one per GPU, from
+    `srun`, `sbatch` or submitit) and a Cloud TPU VM (every worker of a slice runs the same
+    command) use JAX's own cluster detection. CPU-only jobs use gloo collectives, so the
+    multi-process tests run without accelerators.
     """
     explicit = coordinator_address is not None
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
-    if not (explicit or slurm):
+    if not (explicit or slurm or tpu_vm()):
         return False
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -54,3 +56,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     else:
         jax.distributed.initialize()
     return True
+
+
+def tpu_vm() -> bool:
+    """A Cloud TPU VM (libtpu installed, TPU chips present), where `jax.distributed.initialize()`
+    finds the slice's workers by itself (one worker alone becomes a single process)."""
+    import glob
+    import importlib.util
+
+    return (os.environ.get("JAX_PLATFORMS", "") in ("", "tpu") and importlib.util.find_spec("libtpu")
+            is not None and bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))

@@ -4,6 +4,7 @@ config alone (no model is built), so sweeps can be planned before anything is al
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import ml_collections
@@ -150,26 +151,52 @@ def _widths(center: float) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print model shapes for target sizes with their exact counts and FLOPs per token."""
-    import argparse
+    """Print model shapes for target sizes with their exact counts and FLOPs per token
+    (`argv`: the arguments, default this process's)."""
+    from absl import flags
 
-    import numpy as np
+    from lm import cli
+    from lm.config import ACTIVATIONS, ConfigError
 
-    parser = argparse.ArgumentParser(prog="python -m lm.sizing", description=main.__doc__)
-    parser.add_argument("--targets", type=float, nargs="+",
-                        default=[float(x) for x in np.logspace(5, 9, 9)])
-    parser.add_argument("--aspect_ratio", type=float, default=64.0)
-    parser.add_argument("--seq_len", type=int, default=1024)
-    parser.add_argument("--vocab_size", type=int, default=257)
-    parser.add_argument("--activation", choices=("gelu", "swiglu"), default="gelu")
-    args = parser.parse_args(argv)
+    flags.DEFINE_list("targets", [f"{10 ** (5 + k / 2):.3g}" for k in range(9)],
+                      "parameter counts, comma-separated")
+    flags.DEFINE_float("aspect_ratio", 64.0, "d_model / n_layers")
+    flags.DEFINE_integer("seq_len", 1024, "context, for the FLOPs per token")
+    flags.DEFINE_integer("vocab_size", 257, "vocabulary")
+    flags.DEFINE_string("activation", "gelu", " or ".join(ACTIVATIONS))
+
+    def body() -> None:
+        f = flags.FLAGS
+        try:
+            targets = [float(t) for t in f.targets]
+        except ValueError:
+            raise ConfigError(f"--targets={','.join(f.targets)} is not allowed: expected numbers such as "
+                              "1e6,1e7") from None
+        rules = (("targets", ",".join(f.targets), targets and all(1 <= t < math.inf for t in targets),
+                  "must be finite parameter counts >= 1"),
+                 ("aspect_ratio", f.aspect_ratio, 0 < f.aspect_ratio < math.inf,
+                  "must be a finite number > 0"),
+                 ("seq_len", f.seq_len, f.seq_len >= 1, "must be a positive integer"),
+                 ("vocab_size", f.vocab_size, f.vocab_size >= 1, "must be a positive integer"),
+                 ("activation", f.activation, f.activation in ACTIVATIONS,
+                  f"must be one of {', '.join(ACTIVATIONS)}"))
+        for name, value, ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"--{name}={value} is not allowed: {rule}")
+        table(targets, f.aspect_ratio, f.seq_len, f.vocab_size, f.activation)
+
+    cli.run(body, ["lm.sizing", *(sys.argv[1:] if argv is None else argv)])
+
+
+def table(targets: list[float], aspect_ratio: float, seq_len: int, vocab_size: int, activation: str) -> None:
+    """One line per target: the picked shape, its exact counts and FLOPs per token."""
     base = model_defaults()
-    base.vocab_size, base.activation = args.vocab_size, args.activation
+    base.vocab_size, base.activation = vocab_size, activation
     print(f"{'target':>9} {'d_model':>7} {'layers':>6} {'heads':>5} {'d_ff':>6} {'N':>12} "
           f"{'N non-emb':>12} {'FLOPs/token':>12} {'/ 6N':>6}")
-    for target in args.targets:
-        m = shape_for_params(target, aspect_ratio=args.aspect_ratio, base=base)
-        pc, fpt = count_params(m), flops_per_token(m, args.seq_len)
+    for target in targets:
+        m = shape_for_params(target, aspect_ratio=aspect_ratio, base=base)
+        pc, fpt = count_params(m), flops_per_token(m, seq_len)
         print(f"{target:9.2e} {m.d_model:7d} {m.n_layers:6d} {m.n_heads:5d} {m.d_ff:6d} "
               f"{pc.total:12,d} {pc.non_embedding:12,d} {fpt:12.4e} {fpt / (6 * pc.total):6.3f}")
 

@@ -24,7 +24,6 @@ does. Logs of every stage stay in `--work` (default: a new temporary directory).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -379,15 +378,33 @@ def targets_missed(report: dict[str, Any]) -> list[str]:
     return [name for name, s in shapes.items() if s.get("meets_target") is False]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lm.smoke", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="smoke.json", help="the JSON report")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes: the whole command path in a minute or two, CPU included")
-    parser.add_argument("--work", default=None, help="logs and the sweep (default: a new temp dir)")
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lm.smoke ARGV` (default: this process's arguments)."""
+    from absl import flags
+
+    from lm import cli
+    from lm.config import ConfigError
+
+    flags.DEFINE_string("out", "smoke.json", "the JSON report")
+    flags.DEFINE_bool("quick", False, "tiny sizes: the whole command path in a minute or two, CPU included")
+    flags.DEFINE_string("work", "", "logs and the sweep (default: a new temp dir)")
+
+    def body() -> None:
+        f = flags.FLAGS
+        if not f.out:
+            raise ConfigError("--out is empty: it names the JSON report to write")
+        status = run_stages(f.out, f.quick, f.work, " ".join(["python -m lm.smoke", *args]))
+        if status:
+            sys.exit(status)
+
+    args = sys.argv[1:] if argv is None else argv
+    cli.run(body, ["lm.smoke", *args])
+
+
+def run_stages(out: str, quick: bool, work_dir: str, command: str) -> int:
+    """Every stage, the report at `out` and the exit status (0 passed, 1 failed, 2 no accelerator)."""
     start, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
-    work = Path(args.work or tempfile.mkdtemp(prefix="lm-smoke-")).absolute()
+    work = Path(work_dir or tempfile.mkdtemp(prefix="lm-smoke-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
 
     def left(stage: str) -> float:
@@ -398,19 +415,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smoke: cannot start JAX here ({probe_record['status']}):\n{probe_record['tail']}")
         return 1
     accelerator = device["backend"] in ("gpu", "tpu")
-    if not accelerator and not args.quick:
+    if not accelerator and not quick:
         print(f"smoke: no GPU or TPU here (JAX backend {device['backend']!r}); "
               "run with --quick to check the command path on CPU")
-        if args.work is None:
+        if not work_dir:
             shutil.rmtree(work, ignore_errors=True)
         return 2
     print(f"smoke: {device['device_count']} × {device['device_kind']} ({device['backend']}), "
-          f"jax {device['jax']}{', quick' if args.quick else ''}; logs in {work}", flush=True)
+          f"jax {device['jax']}{', quick' if quick else ''}; logs in {work}", flush=True)
     report: dict[str, Any] = {
-        "command": " ".join(["python -m lm.smoke", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "started": started, "budget_s": BUDGET_S, "work": str(work),
+        "command": command, "quick": quick, "started": started, "budget_s": BUDGET_S, "work": str(work),
         "device": device, "stages": {"probe": probe_record}}
-    smoke = Smoke(work, args.quick, accelerator, fast_compile=args.quick and not accelerator)
+    smoke = Smoke(work, quick, accelerator, fast_compile=quick and not accelerator)
     stages = (("tests", stage_tests, summary_tests), ("bench", stage_bench, summary_bench),
               ("sweep", stage_sweep, summary_sweep))
     for name, run, summary in stages:
@@ -425,12 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = [n for n, r in report["stages"].items() if r["status"] not in ("passed", "skipped")]
     report.update(wall_s=round(time.perf_counter() - start, 1), failed_stages=failed,
                   targets_missed=missed, ok=not failed and not missed)
-    write_json_atomic(args.out, report)
+    write_json_atomic(out, report)
     verdict = "all stages passed" if report["ok"] else "FAILED: " + ", ".join(
         failed + [f"{m} below its MFU target" for m in missed])
-    print(f"report: {args.out} ({verdict}; {report['wall_s']:.0f}s)")
+    print(f"report: {out} ({verdict}; {report['wall_s']:.0f}s)")
     return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,6 +8,7 @@ config.json, metrics.jsonl, TensorBoard events, checkpoints/ and result.json.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,32 +31,15 @@ from lm import data as data_lib
 from lm import model as model_lib
 from lm import optim, sharding
 from lm.checkpoint import Checkpointer, abstract_with_shardings
-from lm.config import ConfigError, validate
+from lm.config import ConfigError, num_steps, validate
 from lm.evaluate import make_eval_step
-from lm.files import write_bytes_atomic, write_json_atomic
-from lm.metrics import (
-    MetricsWriter,
-    device_peak_flops,
-    format_duration,
-)
+from lm.files import FileError, RunLock, read_json, write_bytes_atomic, write_json_atomic
+from lm.metrics import MetricsWriter, format_duration, utilization
 from lm.process import setup
 from lm.sizing import count_params, flops_per_token, flops_per_token_6n
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: rerun the same command to continue
 EXIT_DIVERGED = 3
-
-
-def num_steps(config: ml_collections.ConfigDict) -> int:
-    """Optimizer steps of the run: train.steps, else train.tokens / (batch · seq_len)."""
-    if config.train.steps > 0:
-        return config.train.steps
-    steps = config.train.tokens // (config.data.batch_size * config.data.seq_len)
-    if steps < 1:
-        raise ConfigError(
-            f"config.train.tokens = {config.train.tokens} is not allowed: must cover at least one "
-            f"batch of data.batch_size × data.seq_len = "
-            f"{config.data.batch_size * config.data.seq_len} tokens")
-    return steps
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
@@ -121,18 +106,32 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx, lr_fn):
 
 
 class Preemption:
-    """SIGTERM/SIGINT set a flag the loop polls; the loop saves and exits at a step boundary."""
+    """USR2 (SLURM's time-limit notice, submitit's signal), SIGTERM (preemption, scancel) and
+    SIGINT ask the run to save a checkpoint at the next step boundary and stop.
+
+    One process: a flag the loop polls. Several: every process must stop at the same step, which
+    JAX's preemption service agrees on (`reached_preemption`); it listens for SIGTERM itself, so
+    SIGTERM is left to it and USR2 or SIGINT is passed on to it as SIGTERM. `received` keeps the
+    signal for whoever ran the loop (a submitit job hands USR2 on to submitit, which requeues it).
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+    received: int | None = None  # the last signal that stopped a run in this process
 
     def __init__(self):
         self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
+        self.shared = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                         if not (self.shared and sig == signal.SIGTERM)}
 
     def _handle(self, signum, frame):
         print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint and stopping",
               flush=True)
-        self.requested = True
+        Preemption.received = signum
+        if self.shared:
+            signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier
+        else:
+            self.requested = True
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -144,22 +143,63 @@ def _without_mesh(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "mesh"}
 
 
-def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    """Create the workdir; refuse a different config unless `overwrite` (which starts afresh)."""
+def workdir_path(workdir: str | Path) -> Path:
+    """The run directory, absolute; an empty name (the current directory) or a file is refused."""
+    if not str(workdir).strip():
+        raise ConfigError("--workdir = '' is not allowed: name the run directory (created if missing)")
+    path = Path(workdir).absolute()
+    if path.exists() and not path.is_dir():
+        raise FileError(f"{path}: not a directory (--workdir names the run directory)")
+    return path
+
+
+def needs_wipe(workdir: Path, config: ml_collections.ConfigDict, overwrite: bool) -> bool:
+    """Whether `workdir` holds a run with another config, which only `overwrite` discards."""
     saved = workdir / "config.json"
-    if saved.exists() and _without_mesh(json.loads(saved.read_text())) != _without_mesh(
+    if not saved.exists() or _without_mesh(read_json(saved)) == _without_mesh(
             json.loads(config.to_json())):
-        if not overwrite:
-            raise ConfigError(
-                f"{workdir} holds a run with a different config ({saved}); use another workdir, "
-                "or --overwrite to discard that run and start again")
-        if jax.process_index() == 0:
-            for name in ("checkpoints", "tensorboard", "metrics.jsonl", "result.json", "eval.json"):
-                path = workdir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(saved, json.loads(config.to_json()))
+        return False
+    if not overwrite:
+        raise ConfigError(
+            f"{workdir} holds a run with a different config ({saved}); use another workdir, "
+            "or --overwrite to discard that run and start again")
+    return True
+
+
+def has_checkpoints(workdir: Path) -> bool:
+    return any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold the run's `RunLock` (process 0) for the block: one process trains a run at a time.
+
+    Re-entrant, so a sweep worker that holds it already (`experiments.launch.run_one`) goes on.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    lock = RunLock(workdir)
+    if not lock.acquire():
+        raise FileError(f"{workdir} is being trained by {lock.holder()} (lock file {lock.path}); "
+                        "wait for that run to end, or use another workdir")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, wipe: bool) -> None:
+    """Process 0: discard the previous run if `wipe`, create the workdir and write config.json."""
+    if jax.process_index() != 0:
+        return
+    if wipe:
+        for name in ("checkpoints", "checkpoints.damaged", "tensorboard", "metrics.jsonl",
+                     "result.json", "eval.json"):
+            path = workdir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
 
 
 class Trainer:
@@ -232,21 +272,21 @@ class Trainer:
         return float(sums.sum() / (len(sums) * self.config.data.seq_len))
 
 
-def load_init(config: ml_collections.ConfigDict, trainer: Trainer):
-    """What `train.init_from` gives a run that has no checkpoint of its own.
+InitPoint = tuple[Path, Checkpointer, int]  # a run to start from, its checkpoints, the step
 
-    init_mode "params": that checkpoint's parameters with a fresh optimizer and step 0
-    (fine-tuning). "state": its parameters, optimizer state, step and loss history, so the
-    run continues that one under its own schedule (a WSD cooldown branch).
-    Returns (state, start step, meta).
-    """
+
+def init_point(config: ml_collections.ConfigDict) -> InitPoint:
+    """Where `train.init_from` starts this run, checked before anything is written: a
+    ConfigError when it is not a run, has another model or lacks the step."""
     t = config.train
     source = Path(t.init_from)
     saved = source / "config.json"
     if not saved.exists():
         raise ConfigError(f"config.train.init_from = {str(source)!r}: no config.json there "
                           "(expected the workdir of a finished or checkpointed run)")
-    theirs = json.loads(saved.read_text())["model"]
+    theirs = read_json(saved, keys=("model",))["model"]
+    if not isinstance(theirs, dict):
+        raise FileError(f"{saved}: 'model' is not a JSON object")
     ours = json.loads(config.model.to_json())
     shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff",
                   "activation", "tied_embeddings")
@@ -256,16 +296,27 @@ def load_init(config: ml_collections.ConfigDict, trainer: Trainer):
             f"config.train.init_from = {str(source)!r} has a different model: " + ", ".join(
                 f"model.{k} is {t!r} there and {o!r} here" for k, (t, o) in diff.items()))
     ckpt = Checkpointer(source / "checkpoints", read_only=True)
-    step = None if t.init_step < 0 else t.init_step
-    if step is None and ckpt.latest_step() is None or step is not None and (
-            step not in ckpt.all_steps()):
+    step = ckpt.usable_step() if t.init_step < 0 else t.init_step
+    if step is None or step not in ckpt.all_steps():
         raise ConfigError(f"config.train.init_step = {t.init_step}: {source} has "
                           f"checkpoints at steps {ckpt.all_steps()}")
-    if t.init_mode == "params":
+    ckpt.check(step)
+    return source, ckpt, step
+
+
+def load_init(config: ml_collections.ConfigDict, trainer: Trainer, point: InitPoint):
+    """What `train.init_from` gives a run that has no checkpoint of its own.
+
+    init_mode "params": that checkpoint's parameters with a fresh optimizer and step 0
+    (fine-tuning). "state": its parameters, optimizer state, step and loss history, so the
+    run continues that one under its own schedule (a WSD cooldown branch).
+    Returns (state, start step, meta).
+    """
+    source, ckpt, step = point
+    if config.train.init_mode == "params":
         state = trainer.init_state()
         state["params"] = ckpt.restore_params(trainer.abstract_state["params"], step)
-        print(f"initialised parameters from {source} step {step or ckpt.latest_step()}",
-              flush=True)
+        print(f"initialised parameters from {source} step {step}", flush=True)
         return state, 0, None
     state, meta = ckpt.restore(trainer.abstract_state, step)
     start = int(jax.device_get(state["step"]))
@@ -273,16 +324,18 @@ def load_init(config: ml_collections.ConfigDict, trainer: Trainer):
     return state, start, meta
 
 
-def start_state(config: ml_collections.ConfigDict, trainer: Trainer, ckpt: Checkpointer):
-    """(state, start step, history) of a run: its own latest checkpoint, else `init_from`, else
-    fresh. The history is what a checkpoint carries besides the state (`History.to_meta`)."""
-    start = ckpt.latest_step()
+def start_state(config: ml_collections.ConfigDict, trainer: Trainer, ckpt: Checkpointer,
+                init: InitPoint | None = None):
+    """(state, start step, history) of a run: its own newest sound checkpoint, else `init_from`
+    (`init`, when already checked), else fresh. The history is what a checkpoint carries
+    besides the state (`History.to_meta`)."""
+    start = ckpt.usable_step()
     if start is not None:
         state, meta = ckpt.restore(trainer.abstract_state, start)
         print(f"resumed from step {start} of {trainer.shape.steps}", flush=True)
         return state, start, History.from_meta(meta)
     if config.train.init_from:
-        state, start, meta = load_init(config, trainer)
+        state, start, meta = load_init(config, trainer, init or init_point(config))
         return state, start, History(losses=History.from_meta(meta).losses if meta else {})
     return trainer.init_state(), 0, History()
 
@@ -334,17 +387,16 @@ class Boundary:
 class Run:
     """One training run in a workdir: the loop, its boundaries and its result."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
-        self.config, self.workdir = config, workdir
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, dataset: data_lib.Dataset,
+                 init: InitPoint | None = None):
+        self.config, self.workdir, self.dataset = config, workdir, dataset
         self.wall_start = time.perf_counter()
-        self.dataset = data_lib.build_dataset(config)
         self.trainer = Trainer(config, sharding.make_mesh(config.mesh.shape))
         self.shape = self.trainer.shape
         self.ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                  keep_steps=tuple(config.train.save_steps))
-        self.state, self.start, self.history = start_state(config, self.trainer, self.ckpt)
+        self.state, self.start, self.history = start_state(config, self.trainer, self.ckpt, init)
         self.writer = MetricsWriter(workdir, self.start)
-        self.peak = device_peak_flops() * jax.device_count()
         self.is_main = jax.process_index() == 0
         self.status, self.diverged_step, self.eval_loss = "completed", None, float("nan")
 
@@ -404,6 +456,7 @@ class Run:
         if at.save or at.preempt:
             keep = max(self.window, self.config.train.log_every)
             self.ckpt.save(done, self.state, h.to_meta(done - keep, self.wall_seconds()))
+            self.writer.flush()
         if at.preempt:
             self.status = "preempted"
         return not at.preempt
@@ -423,7 +476,8 @@ class Run:
                   "flops": done * shape.tokens_per_step * shape.flops_per_token,
                   "loss": self.history.mean_loss(done - self.config.train.log_every, done),
                   "lr": float(last["lr"]), "grad_norm": float(last["grad_norm"]),
-                  "tokens_per_sec": tok_s, "mfu": tok_s * shape.flops_per_token / self.peak}
+                  "tokens_per_sec": tok_s,
+                  "mfu": utilization(tok_s * shape.flops_per_token, jax.device_count())}
         self.writer.write(record)
         if self.is_main:
             eta = (shape.steps - done) * shape.tokens_per_step / tok_s
@@ -461,7 +515,8 @@ class Run:
             "eval_loss": self.eval_loss if self.status == "completed" else float("nan"),
             "diverged_step": self.diverged_step, "peak_lr": shape.peak_lr,
             "wall_seconds": self.wall_seconds(), "train_seconds": h.train_seconds,
-            "tokens_per_second": tok_s, "mfu": tok_s * shape.flops_per_token / self.peak,
+            "tokens_per_second": tok_s,
+            "mfu": utilization(tok_s * shape.flops_per_token, jax.device_count()),
             "compile_seconds": self.trainer.compile_seconds, "devices": jax.device_count(),
             "device_kind": jax.devices()[0].device_kind, "config_hash": config_hash(config),
             "model": config.model.to_dict(),
@@ -470,25 +525,35 @@ class Run:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: bool = False,
           ) -> dict[str, Any]:
-    """Run (or resume) training in `workdir`; returns the result dict also saved as result.json."""
+    """Run (or resume) training in `workdir`; returns the result dict also saved as result.json.
+
+    Nothing is written to `workdir` before every check has passed: the config, the workdir
+    and its saved config, the dataset, `train.init_from`, and the lock (no other process
+    training this run).
+    """
     validate(config)
-    workdir = Path(workdir).absolute()
-    prepare_workdir(workdir, config, overwrite)
-    run = Run(config, workdir)
-    run.announce()
-    preemption = Preemption()
-    try:
-        run.loop(preemption)
-        result = run.result()
-    finally:
-        preemption.restore()
-        run.ckpt.close()
-        run.writer.close()
-    if run.is_main:
-        write_json_atomic(workdir / "result.json", result)
-        print(f"{result['status']}: {result['steps']} steps, train loss {result['train_loss']:.4f}, "
-              f"eval loss {result['eval_loss']:.4f}, {result['tokens_per_second']:,.0f} tok/s -> "
-              f"{workdir / 'result.json'}", flush=True)
+    workdir = workdir_path(workdir)
+    wipe = needs_wipe(workdir, config, overwrite)
+    dataset = data_lib.build_dataset(config)
+    fresh = wipe or not has_checkpoints(workdir)
+    init = init_point(config) if config.train.init_from and fresh else None
+    with workdir_lock(workdir):
+        prepare_workdir(workdir, config, wipe)
+        run = Run(config, workdir, dataset, init)
+        run.announce()
+        preemption = Preemption()
+        try:
+            run.loop(preemption)
+            result = run.result()
+        finally:
+            preemption.restore()
+            run.ckpt.close()
+            run.writer.close()
+        if run.is_main:
+            write_json_atomic(workdir / "result.json", result)
+            print(f"{result['status']}: {result['steps']} steps, train loss {result['train_loss']:.4f}, "
+                  f"eval loss {result['eval_loss']:.4f}, {result['tokens_per_second']:,.0f} tok/s -> "
+                  f"{workdir / 'result.json'}", flush=True)
     return result
 
 

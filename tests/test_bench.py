@@ -2,12 +2,23 @@
 and bad shapes are refused before anything compiles."""
 
 import json
+import re
 
 import pytest
+from absl import flags
 
 from configs.train import get_config
 from lm import bench
+from lm.config import ConfigError
 from lm.sizing import count_params, flops_per_token, flops_per_token_palm
+
+
+def parse(*args: str) -> flags.FlagValues:
+    """The flags of `python -m lm.bench ARGS`, parsed on their own FlagValues."""
+    fv = flags.FlagValues()
+    bench.define_flags(fv)
+    fv(["lm.bench", *args])
+    return fv
 
 
 def test_benchmark_reports_consistent_figures():
@@ -27,14 +38,13 @@ def test_benchmark_reports_consistent_figures():
 
 def test_cli_writes_json_and_refuses_bad_shapes_before_compiling(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--shape", "32,2,2,32,4", "--steps", "1", "--warmup", "1", "--json", str(out)])
+    bench.run(parse("--shape", "32,2,2,32,4", "--steps", "1", "--warmup", "1", "--json", str(out)))
     (result,) = json.loads(out.read_text())
     assert f"step_ms={result['step_ms']:.4g}" in capsys.readouterr().out
     for shape, message in (("32,2", "expected five integers"), ("30,2,4,32,4", "divisible by")):
-        with pytest.raises(SystemExit):
-            bench.main(["--shape", "32,2,2,32,4", "--shape", shape])
-        captured = capsys.readouterr()
-        assert message in captured.err and captured.out == ""  # the valid shape never ran
+        with pytest.raises(ConfigError, match=message):
+            bench.run(parse("--shape", "32,2,2,32,4", "--shape", shape))
+        assert capsys.readouterr().out == ""  # the valid shape never ran
 
 
 def _line(out: str) -> dict[str, str]:
@@ -42,19 +52,21 @@ def _line(out: str) -> dict[str, str]:
 
 
 def test_data_mode_times_the_input_pipeline(data_dir, capsys):
-    bench.main(["--what=data", "--data_dir", str(data_dir), "--seq_len", "32", "--batch_size", "4",
-                "--steps", "5"])
+    bench.run(parse("--what=data", "--data_dir", str(data_dir), "--seq_len", "32", "--batch_size", "4",
+                    "--steps", "5"))
     line = _line(capsys.readouterr().out.splitlines()[-1])
     assert (line["tokenizer"], line["seq_len"], line["batch_size"], line["steps"]) == (
         "bytes", "32", "4", "5")
     assert float(line["tokens_per_s"]) == pytest.approx(4 * 32 / (float(line["batch_us"]) / 1e6),
                                                         rel=0.02)
+    with pytest.raises(ConfigError, match="config.data.tokenizer = 'bpe' is not allowed"):
+        bench.run(parse("--what=data", "--data_dir", str(data_dir), "--tokenizer", "bpe"))
 
 
 def test_fit_mode_compares_the_jax_fit_with_scipy(tmp_path, capsys):
     out = tmp_path / "fit.json"
-    bench.main(["--what=fit", "--points", "20", "--scipy_starts", "2", "--bootstrap", "0",
-                "--json", str(out)])
+    bench.run(parse("--what=fit", "--points", "20", "--scipy_starts", "2", "--bootstrap", "0",
+                    "--json", str(out)))
     (r,) = json.loads(out.read_text())
     assert _line(capsys.readouterr().out)["starts"] == str(r["starts"]) == "4500"
     assert r["scipy_all_s"] == pytest.approx(r["scipy_s"] * r["starts"] / 2)
@@ -68,11 +80,10 @@ def test_fit_mode_compares_the_jax_fit_with_scipy(tmp_path, capsys):
     (["--what=fit", "--steps", "3"], "--steps does not apply to --what=fit"),
     (["--points", "20"], "--points does not apply to --what=step; it is read by --what=fit"),
     (["--what=data", "--lower_only"], "--lower_only lowers the train step"),
-    (["--what=data", "--steps", "0"], "--steps=0: must be a positive integer"),
-    (["--what=speed"], "invalid choice: 'speed'"),
+    (["--what=data", "--steps", "0"], "--steps=0 is not allowed: must be a positive integer"),
+    (["--what=fit", "--bootstrap=-1"], "--bootstrap=-1 is not allowed: must be >= 0"),
+    (["--what=speed"], "--what='speed' is not allowed: must be one of step, data, fit"),
 ])
-def test_options_of_another_mode_are_refused(args, message, capsys):
-    with pytest.raises(SystemExit):
-        bench.main(args)
-    captured = capsys.readouterr()
-    assert message in captured.err and captured.out == ""
+def test_options_of_another_mode_are_refused(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        bench.mode_of(parse(*args))

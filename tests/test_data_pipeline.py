@@ -1,5 +1,6 @@
 """Batches: a pure function of (dataset, seed, step), split across processes, fixed validation."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import lm.data.dataset as dataset_lib
 from lm.config import ConfigError
 from lm.data import DataError, build_dataset, to_global
 from lm.data.sources import unit_hash
@@ -162,3 +164,15 @@ def test_concurrent_builds_agree(tmp_path):
     assert sums[0] == sums[1]
     assert sum(out.count("lm.data: tokenizing") for out, _ in outs) == 2  # train + validation, once
     assert not list(tmp_path.rglob(".*.tmp")) and not list(tmp_path.rglob(".*.raw"))
+
+
+def test_a_full_disk_is_one_data_error_naming_the_cache(tmp_path, monkeypatch):
+    """A token cache that cannot be written (a full disk, simulated) names its path and the reason."""
+    def full(path, chunks, dtype):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(dataset_lib, "write_array_atomic", full)
+    with pytest.raises(DataError) as e:
+        build_dataset(data_config(tmp_path))
+    message = str(e.value)
+    assert "/train.npy: No space left on device (writing the token cache of lm_stdlib/" in message, message

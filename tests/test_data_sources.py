@@ -1,5 +1,6 @@
 """Datasets: the embedded corpus, a folder of text, and prepared tfds datasets by name."""
 
+import errno
 import json
 
 import numpy as np
@@ -128,10 +129,49 @@ def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(DataError) as e:
         build_dataset(c)
     message = str(e.value)
-    assert "'lm1b' is not prepared in" in message
-    assert f"tfds build lm1b --data_dir={tmp_path} --file_format=array_record" in message
+    assert "'lm1b' is not prepared in" in message and "\n" not in message
+    assert f"`python -m lm.data.prepare --dataset=lm1b --data_dir={tmp_path}`" in message
+    assert "pip install -e '.[prepare]'" in message and f"or copy {tmp_path / 'lm1b'} from" in message
     with pytest.raises(DataError, match=r"'no such/name!' is not a dataset name"):
         build_dataset(data_config(tmp_path, dataset="no such/name!"))
+
+
+def test_prepare_says_what_to_install_without_tensorflow(tmp_path, monkeypatch):
+    """tfds's lm1b builder reads its download with tf.io.gfile: without TensorFlow, one line that
+    names the extra, before anything is downloaded."""
+    from lm.data import sources
+
+    monkeypatch.setattr(sources, "has_tensorflow", lambda: False)
+    with pytest.raises(DataError) as e:
+        sources.prepare("lm1b", tmp_path)
+    assert "preparing 'lm1b' needs TensorFlow" in str(e.value) and "\n" not in str(e.value)
+    assert "pip install -e '.[prepare]'" in str(e.value) and not any(tmp_path.iterdir())
+    with pytest.raises(DataError, match="'no_such_dataset' is not a tfds dataset"):
+        sources.prepare("no_such_dataset", tmp_path)
+
+
+def test_prepare_builds_a_tfds_dataset_for_training(tmp_path, monkeypatch):
+    from lm.data import sources
+
+    monkeypatch.setattr(sources, "has_tensorflow", lambda: False)  # this builder does not need it
+    sources.prepare("lm_test_sentences", tmp_path)
+    ds = build_dataset(data_config(tmp_path, dataset="lm_test_sentences", text_key="sentence"))
+    assert ds.info["train"]["documents"] == 180
+
+
+def test_a_read_only_data_dir_is_one_data_error(tmp_path, monkeypatch):
+    """Tests run as root, for whom permissions do not block writes: the refusal is simulated."""
+    from lm.data import sources
+
+    def read_only(path):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(path) + ".lock")
+
+    monkeypatch.setattr(sources, "file_lock", read_only)
+    with pytest.raises(DataError) as e:
+        build_dataset(data_config(tmp_path))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path}/lm_stdlib.build.lock: Read-only file system (writing dataset "
+                              "lm_stdlib/") and "must be a writable folder" in message, message
 
 
 def test_small_folder_still_holds_out_a_document(tmp_path):

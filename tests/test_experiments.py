@@ -1,4 +1,5 @@
-"""IsoFLOP sweeps: planning, running, resuming, locking, SLURM (submitit local), errors."""
+"""IsoFLOP sweeps: planning, running, resuming, locking, SLURM settings, errors (SLURM runs:
+test_slurm.py)."""
 
 import json
 import os
@@ -185,15 +186,70 @@ def test_stale_lock_is_taken_over(tmp_path):
     assert not (lock_dir / ".lock").exists()
 
 
-def test_slurm_path_with_submitit_local_executor(reference_sweep, tmp_path):
-    c, ref_dir, _ = reference_sweep
-    sweep_dir = tmp_path / "sweep"
-    proc = _isoflop(sweep_dir, *_config_flags(c), "--runner=slurm", "--slurm_cluster=local",
-                    "--analyse=false")
-    out = proc.communicate(timeout=600)[0]
+@pytest.mark.parametrize("field, value, message", [
+    ("nodes", 0, r"config.slurm.nodes = 0 is not allowed: must be a positive integer"),
+    ("tasks_per_node", -1, r"config.slurm.tasks_per_node = -1 .*integer >= 0"),
+    ("mem", "4 GB", r"config.slurm.mem = '4 GB' .*e.g. '64G'"),
+    ("array_parallelism", 0, r"config.slurm.array_parallelism = 0 .*positive"),
+    ("setup", ("module load cuda", 3), r"config.slurm.setup = .*shell lines"),
+    ("additional_parameters", ("--mail-type=END",), r"'--mail-type=END' is not an sbatch option"),
+])
+def test_bad_slurm_settings(field, value, message):
+    from experiments.launch import validate_slurm
+
+    c = tiny.get_config()
+    validate_slurm(c.slurm)
+    c.slurm[field] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_slurm(c.slurm)
+
+
+def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
+    proc = _isoflop(tmp_path / "sweep", "--dry_run", "--runner=slurm", "--flops_per_second=1e9",
+                    "--config.slurm.nodes=2", "--config.slurm.gpus_per_node=8",
+                    "--config.slurm.account=lab", "--config.slurm.setup=('module load cuda',)",
+                    "--config.slurm.additional_parameters=('exclusive', 'reservation=big')")
+    out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
-    assert "submitted 6 job(s)" in out
-    assert _eval_losses(sweep_dir) == _eval_losses(ref_dir)
+    for line in ("#SBATCH --array=0-14%15", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --account=lab", "#SBATCH --job-name=tiny",
+                 "#SBATCH --exclusive", "#SBATCH --reservation=big", "#SBATCH --signal=USR2@90",
+                 "module load cuda", "-m submitit.core._submit"):
+        assert line in out, out
+    assert not (tmp_path / "sweep").exists()  # a dry run writes nothing
+    proc = _isoflop(tmp_path / "sweep", "--dry_run", "--runner=slurm", "--config.slurm.mem=lots")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and out.strip().splitlines()[-1].startswith(
+        "error: config.slurm.mem = 'lots' is not allowed"), out
+
+
+def test_subprocess_runner_with_zero_workers_still_runs(tmp_path):
+    import threading
+
+    from experiments import launch
+
+    workdir = run_dir(tmp_path, "r")
+    workdir.mkdir(parents=True)
+    (workdir / "result.json").write_text('{"status": "completed"}')
+    pool = threading.Thread(target=launch.run_subprocesses, daemon=True,
+                            args=(tmp_path, ["r"], 0, lambda **_: None))
+    pool.start()
+    pool.join(120)
+    assert not pool.is_alive()  # one slot at least, never a pool waiting for a free one forever
+    assert launch.read_status(tmp_path)["r"]["state"] == "completed"
+
+
+def test_damaged_result_is_a_run_not_done(tmp_path):
+    from experiments import launch
+
+    workdir = run_dir(tmp_path, "r")
+    workdir.mkdir(parents=True)
+    for text in ("{", "[]", '{"name": "r"}'):
+        (workdir / "result.json").write_text(text)
+        assert launch.read_result(tmp_path, "r") is None and not launch.is_done(tmp_path, "r")
+    (tmp_path / "plan.json").write_text('{"runs": 3}')
+    with pytest.raises(ConfigError, match=r"plan.json"):
+        launch.load_planned(tmp_path, "r")
 
 
 def test_wsd_branch_equals_an_independent_run(tmp_path, data_dir):
@@ -211,7 +267,7 @@ def test_wsd_branch_equals_an_independent_run(tmp_path, data_dir):
     train(trunk.config, trunk.workdir)
     train(branch.config, branch.workdir)
     alone = branch.config.copy_and_resolve_references()
-    alone.train.init_from, alone.train.init_mode = "", "params"
+    alone.train.init_from, alone.train.init_step, alone.train.init_mode = "", -1, "params"
     result = train(alone, tmp_path / "alone")
     assert json.loads((tmp_path / "runs" / branch.name / "result.json").read_text())[
         "eval_loss"] == result["eval_loss"]

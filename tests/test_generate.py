@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from lm import model as model_lib
+from lm.config import ConfigError
 from lm.generate import filter_logits, generate, make_decoder
 
 
@@ -76,3 +77,28 @@ def test_prompt_too_long_names_both_lengths(trained_like):
     graphdef, params = trained_like
     with pytest.raises(ValueError, match="prompt of 20 tokens.*context of 16"):
         generate(graphdef, params, [list(range(20))], 1, 16)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"temperature": -1.0}, "temperature = -1.0 is not allowed: must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "temperature = nan is not allowed"),
+    ({"top_p": 0.0}, r"top_p = 0.0 is not allowed: must lie in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p = 1.5 is not allowed"),
+    ({"top_k": -2}, "top_k = -2 is not allowed: must be >= 0"),
+    ({"max_new_tokens": -5}, "max_new_tokens = -5 is not allowed: must be a positive integer"),
+    ({"max_new_tokens": 0}, "max_new_tokens = 0 is not allowed"),
+])
+def test_settings_that_mean_nothing_are_refused(trained_like, setting, message):
+    """Before: a negative temperature sampled from the inverted distribution, top_p = 0 emitted
+    token 0 and max_new_tokens = -5 returned nothing, all without a word."""
+    graphdef, params = trained_like
+    kwargs = {"max_new_tokens": 4, **setting}
+    with pytest.raises(ConfigError, match=message):
+        generate(graphdef, params, [[1, 2]], context=16, **kwargs)
+
+
+def test_no_prompt_is_refused(trained_like):
+    graphdef, params = trained_like
+    for prompts in ([], [[1], []]):
+        with pytest.raises(ConfigError, match="every one needs at least one token"):
+            generate(graphdef, params, prompts, 4, 16)

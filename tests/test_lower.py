@@ -5,6 +5,7 @@ CPU devices holds the collectives its mesh implies."""
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,12 +15,13 @@ from jax.sharding import PartitionSpec as P
 
 from lm import bench
 from lm import model as model_lib
-from lm.config import defaults
+from lm.config import ConfigError, defaults
 from lm.kernels import cpu as cpu_kernels
 from lm.sharding import logical_to_spec
 from lm.train import Trainer
 
 from .conftest import ROOT, run_python
+from .test_bench import parse
 
 NORMS = ("attn_norm", "mlp_norm", "final_norm")
 
@@ -70,25 +72,24 @@ def test_train_step_lowers_for_accelerators_with_the_rules_shardings(mesh):
 
 
 def test_cli_lower_only_prints_one_line_and_refuses_bad_input(capsys):
-    bench.main(["--lower_only", "--platform=tpu", "--shape", "64,2,4,32,8", "--mesh", "1,4,2",
-                "--dtype", "bfloat16"])
+    bench.run(parse("--lower_only", "--platform=tpu", "--shape", "64,2,4,32,8", "--mesh", "1,4,2",
+                    "--dtype", "bfloat16"))
     line = dict(kv.split("=", 1) for kv in capsys.readouterr().out.split())
     assert {k: line[k] for k in ("platform", "mesh", "devices", "dtype", "lowered", "custom_calls")} == {
         "platform": "tpu", "mesh": "1,4,2", "devices": "8", "dtype": "bfloat16", "lowered": "ok",
         "custom_calls": "none"}
     assert int(line["sharded_arrays"]) > 0 and int(line["param_bytes_per_device"]) > 0
     for args, message in (
-            (["--platform=gpu"], "invalid choice: 'gpu'"),
+            (["--platform=gpu"], "--lower_only needs --platform, one of cuda, tpu (not 'gpu')"),
             ([], "--lower_only needs --platform, one of cuda, tpu"),
             (["--platform=cuda", "--mesh", "1,-1,1"], "--mesh='1,-1,1': expected data,fsdp,tensor"),
             (["--platform=cuda", "--shape", "64,2"], "expected five integers"),
             (["--platform=cuda", "--mesh", "1,8,1", "--shape", "64,2,4,32,4"],
              "data.batch_size = 4 is not allowed"),
             (["--platform=cuda", "--steps", "3"], "--steps does not apply to --lower_only")):
-        with pytest.raises(SystemExit):
-            bench.main(["--lower_only", *args])
-        captured = capsys.readouterr()
-        assert message in captured.err and captured.out == "", (args, captured)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            bench.run(parse("--lower_only", *args))
+        assert capsys.readouterr().out == "", args
 
 
 def test_preflight_lowers_each_program_once_and_lists_failures():
@@ -128,7 +129,7 @@ def test_compiled_step_holds_the_collectives_of_its_mesh():
     run_python("""
         import re, jax
         from lm import bench, sharding
-        from lm.config import defaults
+        from lm.config import ConfigError, defaults
         from lm.train import Trainer
 
         def collectives(mesh):

@@ -1,8 +1,10 @@
-"""Multi-process training (2 CPU processes × 4 devices, gloo) and restoring onto another mesh."""
+"""Multi-process training (2 CPU processes × 4 devices, gloo): a time-limit signal to one process
+stops both at one step, the resume is exact; restoring onto another mesh."""
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,36 +55,37 @@ def _single_process(config, workdir, mesh, devices):
     return json.loads((workdir / "result.json").read_text())
 
 
-def _two_processes(config, workdir, kill_after_checkpoint: bool):
+def _two_processes(config, workdir, signal_process_1: bool):
+    """Train on 2 processes × 4 devices; `signal_process_1`: USR2 to process 1 alone, once the
+    run has logged (the time-limit notice, which both must obey at one and the same step)."""
     port = _free_port()
     procs = [subprocess.Popen(
         _train_cmd(config, workdir, "(1,8,1)", [f"--coordinator_address=localhost:{port}",
                                                 "--num_processes=2", f"--process_id={i}"]),
         cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
-    if kill_after_checkpoint:
+    if signal_process_1:
         deadline = time.time() + 240
-        while not (workdir / "checkpoints" / "30").is_dir():
+        while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text()):
             assert all(p.poll() is None for p in procs) and time.time() < deadline, [
                 p.stdout.read() for p in procs if p.poll() is not None]
             time.sleep(0.05)
-        for p in procs:
-            p.kill()
-            p.wait()
-        return None
+        procs[1].send_signal(signal.SIGUSR2)
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    assert [p.returncode for p in procs] == [75, 75] if signal_process_1 else [0, 0], outs
     return outs
 
 
-def test_two_processes_fsdp_kill_and_resume(config, tmp_path):
+def test_two_processes_fsdp_preempt_and_resume(config, tmp_path):
     reference = _single_process(config, tmp_path / "one", "(1,8,1)", 8)
-    _two_processes(config, tmp_path / "uninterrupted", kill_after_checkpoint=False)
+    _two_processes(config, tmp_path / "uninterrupted", signal_process_1=False)
     uninterrupted = json.loads((tmp_path / "uninterrupted" / "result.json").read_text())
     workdir = tmp_path / "multi"
-    _two_processes(config, workdir, kill_after_checkpoint=True)
-    outs = _two_processes(config, workdir, kill_after_checkpoint=False)
-    assert "resumed from step" in outs[0]
+    _two_processes(config, workdir, signal_process_1=True)
+    stopped = json.loads((workdir / "result.json").read_text())
+    assert stopped["status"] == "preempted" and 10 <= stopped["steps"] < STEPS
+    outs = _two_processes(config, workdir, signal_process_1=False)
+    assert f"resumed from step {stopped['steps']}" in outs[0]
     result = json.loads((workdir / "result.json").read_text())
     assert result["status"] == "completed" and result["devices"] == 8
     # Resuming reproduces the uninterrupted two-process run exactly; one process differs only

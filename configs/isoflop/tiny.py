@@ -49,10 +49,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.workers = 2  # subprocess runner: parallel runs (CPU: single-threaded each; GPU: one each)
     c.slurm = ml_collections.ConfigDict()
     c.slurm.partition = ""
-    c.slurm.time_min = 240
+    c.slurm.account = ""  # "" = the cluster's default for each of these four
+    c.slurm.qos = ""
+    c.slurm.mem = ""  # per node, sbatch's --mem, e.g. "64G"
+    c.slurm.constraint = ""  # node features, e.g. "h100"
+    c.slurm.time_min = 240  # per job; at the limit a run checkpoints and is requeued
     c.slurm.gpus_per_node = 1
-    c.slurm.nodes = 1
+    c.slurm.nodes = 1  # per run
+    c.slurm.tasks_per_node = 0  # processes per node; 0: one per GPU on several nodes, else 1
     c.slurm.cpus_per_task = 8
+    c.slurm.setup = ()  # shell lines run before the task, e.g. ("module load cuda/12.4",)
+    c.slurm.additional_parameters = ()  # any other sbatch option: ("reservation=big", "exclusive")
     c.slurm.array = True  # one job array for the sweep (False: one job per run)
     c.slurm.array_parallelism = 16
 

@@ -3,19 +3,21 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
 
-from lm.analysis import plots, report
+from lm.analysis import checks, plots, report
 from lm.analysis.approach1 import fit_approach1
 from lm.analysis.approach2 import fit_approach2
 from lm.analysis.approach3 import closed_form_optimum, fit_approach3, law
-from lm.analysis.load import fit_points, from_table, load
+from lm.analysis.load import check_n, from_table, is_type, load
+from lm.config import ConfigError
 from lm.files import write_bytes_atomic, write_json_atomic
 
 __all__ = ["fit_approach1", "fit_approach2", "fit_approach3", "from_table", "load",
-           "optimal_allocation", "predict_loss", "run"]
+           "optimal_allocation", "predict_loss", "run", "summary"]
 
 DEFAULT_BUDGETS = tuple(10.0 ** k for k in range(18, 26))
 
@@ -46,28 +48,46 @@ def _safe(fn, *args, **kwargs) -> dict:
         return {"skipped": str(e)}
 
 
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is not allowed: {allowed}")
+
+
+def check_options(n: str, bootstrap: int, seed: int, budgets: tuple[float, ...], tolerance: float) -> None:
+    """run()'s options, before anything is read: a bad one is a ConfigError naming it."""
+    check_n(n)
+    _check(is_type(bootstrap, int) and bootstrap >= 0, "bootstrap", bootstrap,
+           "must be an integer >= 0 (0: no intervals)")
+    _check(is_type(seed, int), "seed", seed, "must be an integer")
+    _check(all(is_type(c, float) and math.isfinite(c) and c > 0 for c in budgets), "budgets", budgets,
+           "must be positive FLOP counts")
+    _check(is_type(tolerance, float) and 0 <= tolerance < 1, "tolerance", tolerance,
+           "must lie in [0, 1): the relative spread of C within one budget")
+
+
 def run(path: str | Path, out: str | Path | None = None, n: str = "total", bootstrap: int = 1000,
         seed: int = 0, budgets: tuple[float, ...] | None = None, tolerance: float = 0.05,
         progress: bool = True) -> dict:
     """Load, fit approaches 1–3 with bootstrap intervals, write fits.json, report.md and PNGs to `out`
-    (default: the sweep directory, or the table's folder), and return the fits."""
-    path = Path(path)
-    out = Path(out) if out is not None else (path if path.is_dir() else path.parent)
-    out.mkdir(parents=True, exist_ok=True)
+    (default: the sweep directory, or the table's folder), and return the fits. A run left out for a
+    damaged file is a `warning:` line; what the fits' own warnings say, `summary` prints."""
     budgets = DEFAULT_BUDGETS if budgets is None else tuple(budgets)
-    df = load(path, n)
-    fit_points(df)  # bad values fail here, with the column and row named
+    check_options(n, bootstrap, seed, budgets, tolerance)
+    path = Path(path)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        a2 = _safe(fit_approach2, df, bootstrap=bootstrap, seed=seed, tolerance=tolerance,
-                   budgets=budgets)
+        warnings.simplefilter("always", UserWarning)
+        df = load(path, n)
     for w in caught:
         print(f"warning: {w.message}", flush=True)
+    out = Path(out) if out is not None else (path if path.is_dir() else path.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # edge minima, no interval: in the fit, for summary()
+        a2 = _safe(fit_approach2, df, bootstrap=bootstrap, seed=seed, tolerance=tolerance,
+                   budgets=budgets)
     a3 = _safe(fit_approach3, df, bootstrap=bootstrap, seed=seed, budgets=budgets,
                progress=progress)
     a3.pop("samples", None)
-    for w in a3.get("warnings", []):
-        print(f"warning: approach 3: {w}", flush=True)
     a1 = _safe(fit_approach1, df)
     fits = {"source": str(path), "n": n, "approach1": a1, "approach2": a2, "approach3": a3}
     figures = []
@@ -88,16 +108,16 @@ def run(path: str | Path, out: str | Path | None = None, n: str = "total", boots
 
 def summary(fits: dict, next_budget: float | None = None) -> str:
     """The console lines of `python -m lm.analysis` and of a sweep's end: exponents with intervals,
-    warnings, and the optimum at `next_budget` (default: ten times the largest budget in the data)."""
+    warnings, and the optimum at `next_budget` (default: ten times the largest budget in the data),
+    that line ending in `unreliable: ...` when it should not be trusted."""
     lines = []
     for name in ("approach1", "approach2", "approach3"):
         f = fits.get(name) or {}
-        label = name.replace("approach", "approach ")
         if "a" not in f:
-            lines.append(f"{label}: skipped ({f.get('skipped', 'not computed')})")
+            lines.append(f"{_label(name)}: skipped ({f.get('skipped', 'not computed')})")
         else:
             ci = f.get("ci") or {}
-            lines.append(f"{label}: N_opt ∝ C^{f['a']:.3f}{_ci(ci.get('a'))}, "
+            lines.append(f"{_label(name)}: N_opt ∝ C^{f['a']:.3f}{_ci(ci.get('a'))}, "
                          f"D_opt ∝ C^{f['b']:.3f}{_ci(ci.get('b'))}")
         if "ci_skipped" in f:
             lines.append(f"  no bootstrap interval: only {f['bootstrap_kept']} of {f['bootstrap']} "
@@ -116,9 +136,31 @@ def summary(fits: dict, next_budget: float | None = None) -> str:
     if C and usable:
         name = (trusted or usable)[0]
         n_opt, d_opt = optimal_allocation(fits[name], C)
-        lines.append(f"next budget {C:.3g} FLOPs ({name.replace('approach', 'approach ')}): "
-                     f"N_opt ≈ {n_opt:.3g}, D_opt ≈ {d_opt:.3g} ({d_opt / n_opt:.1f} tokens/param)")
+        caveats = _caveats(fits, name, usable, trusted, C, n_opt)
+        lines.append(f"next budget {C:.3g} FLOPs ({_label(name)}): N_opt ≈ {n_opt:.3g}, D_opt ≈ {d_opt:.3g} "
+                     f"({d_opt / n_opt:.1f} tokens/param)"
+                     + ("; unreliable: " + "; ".join(caveats) if caveats else ""))
     return "\n".join(lines)
+
+
+def _label(name: str) -> str:
+    return name.replace("approach", "approach ")
+
+
+def _caveats(fits: dict, name: str, usable: list[str], trusted: list[str], C: float,
+             n_opt: float) -> list[str]:
+    """Why the optimum at C from fit `name` (the first trusted one, else the first usable) should not be
+    trusted: every usable fit has warnings, C is further out than the data reach, or another trusted
+    approach disagrees (criteria: lm.analysis.checks)."""
+    out = [] if trusted else [f"{' and '.join(map(_label, usable))} "
+                              f"{'have' if len(usable) > 1 else 'has'} the warnings above"]
+    lo_hi = _budget_range(fits)
+    if lo_hi:
+        out += checks.extrapolation(C, *lo_hi)
+    for other in trusted:
+        if other != name:
+            out += checks.disagreement(n_opt, optimal_allocation(fits[other], C)[0], _label(other))
+    return out
 
 
 def _ci(lo_hi: list | None) -> str:
@@ -126,8 +168,15 @@ def _ci(lo_hi: list | None) -> str:
     return "" if text == "—" else f" {text}"
 
 
-def _next_budget(fits: dict) -> float | None:
-    """Ten times the largest budget approach 2 saw (fitted or skipped), None without budgets."""
+def _budget_range(fits: dict) -> tuple[float, float] | None:
+    """Smallest and largest budget in the data (approach 2's, fitted or skipped, else approach 3's)."""
     a2 = fits.get("approach2") or {}
     seen = [b["C"] for b in a2.get("budgets", []) + a2.get("budgets_skipped", [])]
-    return 10 * max(seen) if seen else None
+    seen = seen or (fits.get("approach3") or {}).get("C_range") or []
+    return (min(seen), max(seen)) if seen else None
+
+
+def _next_budget(fits: dict) -> float | None:
+    """Ten times the largest budget in the data, None without budgets."""
+    lo_hi = _budget_range(fits)
+    return 10 * lo_hi[1] if lo_hi else None

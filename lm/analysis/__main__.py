@@ -1,43 +1,52 @@
-"""`python -m lm.analysis PATH [--out DIR] [--n total|non_embedding] [--bootstrap 1000] ...`"""
+"""`python -m lm.analysis --path=PATH [--out=DIR] [--n=total|non_embedding] [--bootstrap=1000] ...`"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from lm import analysis
+from lm.config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lm.analysis", description=__doc__)
-    p.add_argument("path", help="a sweep directory, or a CSV/Parquet table with columns N, D, loss [, C]")
-    p.add_argument("--out", default=None, help="output directory (default: the sweep dir / the table's dir)")
-    p.add_argument("--n", choices=("total", "non_embedding"), default="total", help="which N the fits use")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budgets", default=None, help="prediction budgets, e.g. 1e18,1e20 (default 1e18…1e25)")
-    p.add_argument("--tolerance", type=float, default=0.05,
-                   help="bare tables: relative spread of C grouped into one budget")
-    a = p.parse_args(argv)
-    if a.bootstrap < 0:
-        sys.exit(f"error: --bootstrap={a.bootstrap}: must be >= 0")
+def budgets(items: list[str] | None) -> tuple[float, ...] | None:
+    """--budgets=1e18,1e20 as numbers (None: the default budgets)."""
     try:
-        budgets = tuple(float(x) for x in a.budgets.split(",")) if a.budgets else None
+        return tuple(float(x) for x in items) if items else None
     except ValueError:
-        sys.exit(f"error: --budgets={a.budgets!r}: expected comma-separated numbers such as 1e18,1e19")
-    start = time.perf_counter()
-    try:
-        fits = analysis.run(a.path, a.out, n=a.n, bootstrap=a.bootstrap, seed=a.seed, budgets=budgets,
-                            tolerance=a.tolerance)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    out = Path(a.out) if a.out else (Path(a.path) if Path(a.path).is_dir() else Path(a.path).parent)
-    print(analysis.summary(fits))
-    print(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(fits['figures'])} figures "
-          f"in {time.perf_counter() - start:.1f}s")
+        raise ConfigError(f"--budgets={','.join(items)!r} is not allowed: expected comma-separated "
+                          "numbers such as 1e18,1e19") from None
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from lm import analysis, cli
+    from lm.analysis.load import N_CHOICES
+
+    flags.DEFINE_string("path", None, "a sweep directory, or a CSV/Parquet table of N, D, loss [, C]")
+    flags.DEFINE_string("out", None, "output directory (default: the sweep dir / the table's dir)")
+    flags.DEFINE_enum("n", "total", list(N_CHOICES), "which N the fits use")
+    flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples (0: none)")
+    flags.DEFINE_integer("seed", 0, "bootstrap seed")
+    flags.DEFINE_list("budgets", None, "prediction budgets, e.g. 1e18,1e20 (default 1e18…1e25)")
+    flags.DEFINE_float("tolerance", 0.05, "bare tables: relative spread of C grouped into one budget")
+
+    def body() -> None:
+        f = flags.FLAGS
+        if not f.path:
+            raise ConfigError("--path is required: a sweep directory or a CSV/Parquet table, "
+                              "e.g. --path=sweeps/tiny")
+        start = time.perf_counter()
+        fits = analysis.run(f.path, f.out, n=f.n, bootstrap=f.bootstrap, seed=f.seed,
+                            budgets=budgets(f.budgets), tolerance=f.tolerance)
+        out = Path(f.out) if f.out else (Path(f.path) if Path(f.path).is_dir() else Path(f.path).parent)
+        print(analysis.summary(fits))
+        print(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(fits['figures'])} figures "
+              f"in {time.perf_counter() - start:.1f}s")
+
+    cli.run(body, argv)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv)

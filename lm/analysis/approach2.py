@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from lm.analysis import checks
 from lm.analysis.bootstrap import percentile_ci
 from lm.analysis.load import fit_points
 
@@ -56,8 +57,9 @@ def _profiles(groups: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]) ->
         x, loss_min, coef = vertex(log_n, loss)
         if np.isfinite(x):
             order = np.argsort(log_n)
-            n_opt = float(np.exp(x))
-            fpt = n_opt * float(np.exp(np.interp(x, log_n[order], log_ratio[order])))
+            with np.errstate(over="ignore"):  # a nearly flat parabola (a resample): vertex beyond float64
+                n_opt = float(np.exp(x))
+                fpt = n_opt * float(np.exp(np.interp(x, log_n[order], log_ratio[order])))
             edge = not (log_n.min() <= x <= log_n.max())
         else:  # no minimum: the profile falls (or rises) across the whole range
             best = int(np.argmin(loss))
@@ -70,10 +72,12 @@ def _profiles(groups: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]) ->
 
 
 def _laws(budgets: list[dict]) -> dict | None:
-    """Power laws through the interior vertices (all vertices when fewer than two are interior)."""
-    used = [b for b in budgets if not b["edge"]]
+    """Power laws through the interior vertices (all finite vertices when fewer than two are interior)."""
+    finite = [b for b in budgets if np.isfinite(b["N_opt"]) and np.isfinite(b["D_opt"]) and b["N_opt"] > 0
+              and b["D_opt"] > 0]
+    used = [b for b in finite if not b["edge"]]
     if len(used) < 2:
-        used = budgets
+        used = finite
     if len({b["C"] for b in used}) < 2:
         return None
     C = np.array([b["C"] for b in used])
@@ -84,7 +88,8 @@ def _laws(budgets: list[dict]) -> dict | None:
 
 def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance: float = 0.05,
                   budgets: tuple[float, ...] = ()) -> dict:
-    """IsoFLOP fit; a reported skip ({"skipped": reason}) when the data cannot support one."""
+    """IsoFLOP fit; a reported skip ({"skipped": reason}) when the data cannot support one, and in
+    `warnings` the reasons not to trust it (lm.analysis.checks)."""
     pts = fit_points(df)
     if len(pts) == 0:
         return {"skipped": "no completed points to fit"}
@@ -117,21 +122,31 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
     fit.update(laws)
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
-        samples = _bootstrap(groups, bootstrap, seed)
-        kept = int(np.isfinite(samples["a"]).sum())
-        fit.update(bootstrap=bootstrap, seed=seed, bootstrap_kept=kept)
-        if kept < MIN_KEPT * bootstrap:
-            fit["ci_skipped"] = (f"only {kept} of {bootstrap} resamples kept {MIN_POINTS} distinct sizes in "
-                                 "two budgets; an interval from them would describe that subset (too few "
-                                 "sizes per budget for a bootstrap)")
-            warnings.warn(f"approach 2: no bootstrap interval: {fit['ci_skipped']}", stacklevel=2)
-            return fit
-        ci = percentile_ci(samples)
-        fit.update({"a_ci": ci["a"], "b_ci": ci["b"], "ci": ci})
-        for p in fit["predictions"]:
-            n_opt, d_opt = samples["k_N"] * p["C"] ** samples["a"], samples["k_D"] * p["C"] ** samples["b"]
-            p.update({f"{k}_ci": v for k, v in percentile_ci({"N_opt": n_opt, "D_opt": d_opt}).items()})
+        _intervals(fit, groups, bootstrap, seed)
+    edges = [f"{b['C']:.3g}" for b in profiles if b["edge"] and b["C"] in fit["budgets_used"]]
+    fit["warnings"] = checks.budgets(len(fit["budgets_used"])) + checks.exponents(fit) + (
+        [f"the power laws go through edge minima (budgets {', '.join(edges)}), vertices outside the "
+         "sampled sizes"] if edges else [])
     return fit
+
+
+def _intervals(fit: dict, groups: list, n: int, seed: int) -> None:
+    """Bootstrap intervals of the power laws and predictions, or `ci_skipped` when too few resamples fit."""
+    samples = _bootstrap(groups, n, seed)
+    kept = int(np.isfinite(samples["a"]).sum())
+    fit.update(bootstrap=n, seed=seed, bootstrap_kept=kept)
+    if kept < MIN_KEPT * n:
+        fit["ci_skipped"] = (f"only {kept} of {n} resamples kept {MIN_POINTS} distinct sizes in "
+                             "two budgets; an interval from them would describe that subset (too few "
+                             "sizes per budget for a bootstrap)")
+        warnings.warn(f"approach 2: no bootstrap interval: {fit['ci_skipped']}", stacklevel=3)
+        return
+    ci = percentile_ci(samples)
+    fit.update({"a_ci": ci["a"], "b_ci": ci["b"], "ci": ci})
+    for p in fit["predictions"]:
+        with np.errstate(over="ignore", invalid="ignore"):  # resamples with steep laws overflow: no interval
+            n_opt, d_opt = samples["k_N"] * p["C"] ** samples["a"], samples["k_D"] * p["C"] ** samples["b"]
+        p.update({f"{k}_ci": v for k, v in percentile_ci({"N_opt": n_opt, "D_opt": d_opt}).items()})
 
 
 def _bootstrap(groups: list, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -145,7 +160,8 @@ def _bootstrap(groups: list, n: int, seed: int) -> dict[str, np.ndarray]:
             i = rng.integers(0, len(log_n), len(log_n))
             if len(np.unique(log_n[i])) >= MIN_POINTS:
                 resampled.append((C, log_n[i], loss[i], log_ratio[i]))
-        laws = _laws(_profiles(resampled)) if len(resampled) >= 2 else None
+        with np.errstate(over="ignore"):  # a resample's steep power law: k = e^intercept beyond float64
+            laws = _laws(_profiles(resampled)) if len(resampled) >= 2 else None
         for k in keys:
             samples[k][r] = laws[k] if laws else np.nan
     return samples

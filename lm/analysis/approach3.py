@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from lm.analysis import checks
+from lm.analysis.approach2 import group_budgets
 from lm.analysis.bootstrap import percentile_ci, resample_weights
 from lm.analysis.bootstrap import progress as show_progress
 from lm.analysis.load import fit_points
@@ -200,16 +202,16 @@ def closed_form_optimum(fit: dict, C: np.ndarray | float) -> tuple[np.ndarray, n
 def law(fit: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray:
     """L(N, D) = E + A/N^α + B/D^β."""
     N, D = np.asarray(N, dtype=np.float64), np.asarray(D, dtype=np.float64)
-    with np.errstate(over="ignore"):  # a degenerate fit's steep term overflows to inf: no warning spam
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a degenerate (resampled) fit's
         return fit["E"] + fit["A"] / N ** fit["alpha"] + fit["B"] / D ** fit["beta"]
 
 
-def _data(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """log N, log D, log L of the points that enter fits, checked for a well-posed fit."""
+def _data(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """log N, log D, log L and the budget of the points that enter fits, checked for a well-posed fit."""
     pts = fit_points(df)
     if len(pts) < N_PARAMS:
         raise ValueError(f"approach 3 needs at least {N_PARAMS} points (one per parameter), got {len(pts)}")
-    return tuple(np.log(pts[c].to_numpy(np.float64)) for c in ("N", "D", "loss"))
+    return (*(np.log(pts[c].to_numpy(np.float64)) for c in ("N", "D", "loss")), group_budgets(pts))
 
 
 def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap: int = 0, seed: int = 0,
@@ -219,7 +221,7 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
                   polish: int = POLISH) -> dict:
     """Fit L(N, D) from every start (default: the 4,500-start grid) and keep the best; `bootstrap`
     resamples add intervals (`ci`) and `samples`, and `budgets` closed-form predictions."""
-    log_n, log_d, log_l = _data(df)
+    log_n, log_d, log_l, labels = _data(df)
     starts = default_grid() if starts is None else np.atleast_2d(np.asarray(starts, dtype=np.float64))
     n_starts = len(starts)
     opts = {"max_iter": max_iter, "gtol": gtol, "ftol": ftol, "delta": delta}
@@ -240,8 +242,8 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
     order = np.argsort(value)
     fit = {k: float(v) for k, v in unpack(theta[order[0]]).items()}
     fit.update(objective=float(value[order[0]]), seconds=seconds, starts=n_starts, points=len(log_n),
-               huber_delta=delta)
-    fit["warnings"] = diagnose(fit)
+               huber_delta=delta, n_budgets=len(np.unique(labels)),
+               C_range=[float(labels.min()), float(labels.max())])
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
         weights = resample_weights(len(log_n), bootstrap, seed)
@@ -252,17 +254,20 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
             n_opt, d_opt = closed_form_optimum(samples, p["C"])
             ci = percentile_ci({"N_opt": n_opt, "D_opt": d_opt, "loss": law(samples, n_opt, d_opt)})
             p.update({f"{k}_ci": v for k, v in ci.items()})
+    fit["warnings"] = diagnose(fit)
     return fit
 
 
 def diagnose(fit: dict) -> list[str]:
     """Why a fit that is formally a scaling law should not be trusted (empty when nothing is wrong): an
-    exponent beyond the start grid is a term bent through a few points, not a trend they determine."""
+    exponent beyond the start grid is a term bent through a few points, not a trend they determine; too
+    few budgets, or compute-optimal exponents outside the plausible range (lm.analysis.checks)."""
     top = max(GRID["alpha"])
     return [f"{name} = {fit[name]:.3g} is beyond the start grid's 0–{top:g} (language "
             f"models give about 0.3–0.8): the {term} term is not determined by these "
             f"{fit['points']} points, so a, b and the predictions are unreliable"
-            for name, term in (("alpha", "N"), ("beta", "D")) if fit[name] > top]
+            for name, term in (("alpha", "N"), ("beta", "D")) if fit[name] > top
+            ] + checks.budgets(fit["n_budgets"]) + checks.exponents(fit)
 
 
 def prediction(fit: dict, C: float) -> dict:

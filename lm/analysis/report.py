@@ -47,6 +47,7 @@ def render(fits: dict, df: pd.DataFrame, source: str, figures: list[str]) -> str
                   f"D_opt = {a2['k_D']:.4g} · C^**{a2['b']:.3f}** (95 % {_ci(a2, 'b')})", ""]
     if "ci_skipped" in a2:
         lines += [f"No bootstrap interval: {a2['ci_skipped']}.", ""]
+    lines += [f"**Unreliable:** {w}.\n" for w in a2.get("warnings", [])]
     if "skipped" in a2:
         lines += [f"Skipped: {a2['skipped']}.", ""]
     for s in a2.get("budgets_skipped", []):

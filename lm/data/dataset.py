@@ -21,30 +21,43 @@ import numpy as np
 
 from lm.config import choice, fail
 from lm.data import pipeline
-from lm.data.settings import TOKENIZERS, DataError
+from lm.data.settings import TOKENIZERS, DataError, writing
 from lm.data.sources import TRAIN, Corpus, open_corpus
 from lm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, train_sentencepiece
 from lm.files import file_lock, load_array, write_array_atomic, write_json_atomic
 
 SP_SAMPLE_BYTES = 8 << 20  # SentencePiece trains on this much train text
 READ_CHUNK = 512  # documents read and tokenized together
+RUN_TOKENIZER = "tokenizer.model"  # a SentencePiece run's own pieces, in its workdir
 
 
-def _tokenizer(data_cfg: ml_collections.ConfigDict, corpus: Corpus | None) -> Tokenizer:
+def run_tokenizer(data_cfg: ml_collections.ConfigDict, run_dir: str | Path) -> str:
+    """The SentencePiece model a run in `run_dir` carries (its tokenizer.model), as an absolute
+    path, when `data_cfg` uses SentencePiece and the run has one; else ""."""
+    path = Path(run_dir) / RUN_TOKENIZER
+    return str(path.absolute()) if data_cfg.tokenizer == "sentencepiece" and path.is_file() else ""
+
+
+def _tokenizer(data_cfg: ml_collections.ConfigDict, corpus: Corpus | None, init_from: str = "",
+               ) -> Tokenizer:
+    """Bytes; else the SentencePiece model of data.tokenizer_path, else that of the run `init_from`
+    (a fine-tuned model keeps its pieces), else the one trained on the dataset, once."""
     choice(data_cfg, "data", "tokenizer", TOKENIZERS)
     if data_cfg.tokenizer == "bytes":
         return ByteTokenizer()
-    if data_cfg.get("tokenizer_path"):
-        tokenizer = SentencePieceTokenizer(Path(data_cfg.tokenizer_path))
+    model, source = data_cfg.get("tokenizer_path"), "data.tokenizer_path"
+    if not model and init_from:
+        model, source = run_tokenizer(data_cfg, init_from), f"the {RUN_TOKENIZER} of train.init_from"
+    if model:
+        tokenizer = SentencePieceTokenizer(Path(model))
         if tokenizer.vocab_size != data_cfg.sp_vocab_size:
             fail("data.sp_vocab_size", data_cfg.sp_vocab_size,
-                 f"must equal the {tokenizer.vocab_size} pieces of data.tokenizer_path = "
-                 f"{data_cfg.tokenizer_path!r}")
+                 f"must equal the {tokenizer.vocab_size} pieces of {source} = {model!r}")
         return tokenizer
     corpus = corpus or open_corpus(data_cfg)
     path = corpus.cache_dir / f"sentencepiece-bpe-{data_cfg.sp_vocab_size}.model"
     if not path.exists():
-        with file_lock(path):
+        with writing(f"the SentencePiece model of {corpus.name}", path), file_lock(path):
             if not path.exists():
                 print(f"lm.data: training a {data_cfg.sp_vocab_size}-piece SentencePiece model on "
                       f"{corpus.name} -> {path}", flush=True)
@@ -81,7 +94,7 @@ def token_cache(corpus: Corpus, split: str, tokenizer: Tokenizer) -> tuple[np.nd
     path = corpus.cache_dir / tokenizer.name / f"{split}.npy"
     meta = path.with_suffix(".json")
     if not meta.exists():
-        with file_lock(path):
+        with writing(f"the token cache of {corpus.name} {split}", path), file_lock(path):
             if not meta.exists():
                 print(f"lm.data: tokenizing {corpus.name} {split} with {tokenizer.name} -> {path}",
                       flush=True)
@@ -159,10 +172,11 @@ class Dataset:
 
 
 def build_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """Prepare, tokenize and cache `config.data`'s dataset as needed, then open it."""
+    """Prepare, tokenize and cache `config.data`'s dataset as needed, then open it; a run started
+    from another (`train.init_from`) tokenizes with that run's SentencePiece model."""
     d = config.data
     corpus = open_corpus(d)
-    tokenizer = _tokenizer(d, corpus)
+    tokenizer = _tokenizer(d, corpus, config.get("train", {}).get("init_from", ""))
     train, train_info = token_cache(corpus, TRAIN, tokenizer)
     held_out, eval_info = token_cache(corpus, corpus.eval_split, tokenizer)
     info = {"dataset": corpus.name, "tokenizer": tokenizer.name,

@@ -5,7 +5,9 @@ Nothing here builds or reads a dataset, so `validate_data_config` can run before
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -30,6 +32,17 @@ def data_root(data_cfg: ml_collections.ConfigDict) -> Path:
     $LM_CACHE_DIR/data."""
     root = data_cfg.data_dir or os.environ.get("LM_DATA_DIR") or cache_root() / "data"
     return Path(root).expanduser().absolute()
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path) -> Iterator[None]:
+    """A write under the data dir that the OS refused (read-only folder, full disk) becomes one
+    DataError naming the path, the reason and what was being written."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"{e.filename or path}: {e.strerror or e} (writing {what}; data.data_dir, "
+                        "else $LM_DATA_DIR, must be a writable folder with free space)") from None
 
 
 def expected_vocab_size(data_cfg: ml_collections.ConfigDict) -> int:

@@ -3,7 +3,7 @@ user's text (tfds builders here, prepared on first use), or any tfds dataset alr
 
 The two local corpora are split into train/validation by a stable hash of each document's key,
 so a document's split never depends on file order. They are written as ArrayRecord, which tfds
-reads by index without TensorFlow; nothing here downloads.
+reads by index without TensorFlow. Only `prepare` downloads (a tfds dataset, once).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import abc
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -28,7 +29,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import file_adapters, read_only_builder, registered
 
-from lm.data.settings import EMBEDDED, FOLDER, DataError, data_root
+from lm.data.settings import EMBEDDED, FOLDER, DataError, data_root, writing
 from lm.files import file_lock
 
 FILE_FORMAT = "array_record"
@@ -303,7 +304,7 @@ def _prepared(make: Callable[[], tfds.core.DatasetBuilder], root: Path) -> tfds.
     builder, ready = _open(make)
     if ready:
         return builder
-    with file_lock(root / f"{builder.name}.build"):
+    with writing(f"dataset {builder.info.full_name}", root), file_lock(root / f"{builder.name}.build"):
         builder, ready = _open(make)  # another process may have built it while we waited
         if not ready:
             print(f"lm.data: building dataset {builder.info.full_name} in {root}", flush=True)
@@ -312,14 +313,32 @@ def _prepared(make: Callable[[], tfds.core.DatasetBuilder], root: Path) -> tfds.
     return builder
 
 
+def has_tensorflow() -> bool:
+    """Whether TensorFlow is installed (tfds's own builders need it to prepare a dataset)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def prepare(name: str, root: Path) -> tfds.core.DatasetBuilder:
+    """Download and prepare the tfds dataset `name` in `root` as ArrayRecord, once (`python -m
+    lm.data.prepare`); tfds's own builders read their downloads with TensorFlow."""
+    try:
+        with _quiet_absl():
+            builder = tfds.builder(name, data_dir=str(root))
+    except registered.DatasetNotFoundError:
+        raise DataError(f"{name!r} is not a tfds dataset: see https://www.tensorflow.org/datasets/catalog "
+                        "(e.g. 'lm1b', 'c4/en:3.1.0')") from None
+    if type(builder).__module__.startswith("tensorflow_datasets.") and not has_tensorflow():
+        raise DataError(f"preparing {name!r} needs TensorFlow, which tfds's builder uses to read the "
+                        f"download: pip install -e '.[prepare]' in the lm checkout (or pip install "
+                        f"tensorflow-cpu), then run this again")
+    return _prepared(lambda: tfds.builder(name, data_dir=str(root)), root)
+
+
 def _prepare_hint(name: str, root: Path) -> str:
-    return (f"prepare it once (this needs the internet) with\n"
-            f"  tfds build {name} --data_dir={root} --file_format={FILE_FORMAT}\n"
-            f"or in Python\n"
-            f"  tfds.builder({name!r}, data_dir={str(root)!r}).download_and_prepare("
-            f"file_format={FILE_FORMAT!r})\n"
-            f"(tfds 4.9.10 also needs `pip install importlib_resources` for this; data_dir comes "
-            f"from config.data.data_dir, else $LM_DATA_DIR, else $LM_CACHE_DIR/data; {EMBEDDED!r} and "
+    return (f"prepare it once with `python -m lm.data.prepare --dataset={name} --data_dir={root}` (it "
+            f"downloads, and needs TensorFlow: pip install -e '.[prepare]'), or copy "
+            f"{root / name.split(':')[0]} from a machine where it is prepared (data_dir is "
+            f"config.data.data_dir, else $LM_DATA_DIR, else $LM_CACHE_DIR/data; {EMBEDDED!r} and "
             f"{FOLDER!r} need no preparation)")
 
 

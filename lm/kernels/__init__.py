@@ -64,9 +64,24 @@ def select(cfg) -> Ops:
     return _cpu_ops() if use_cpu_kernels(cfg.kernels) else REFERENCE
 
 
+def cpu_only() -> bool:
+    """Whether this process can only run JAX on the CPU, known without starting a backend:
+    JAX_PLATFORMS says so, or no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    from importlib import metadata, util
+
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    return not (metadata.entry_points(group="jax_plugins") or util.find_spec("jax_plugins")
+                or util.find_spec("libtpu"))
+
+
 def configure_host() -> None:
-    """Per-process CPU tuning (freed memory kept mapped, within a bound); nothing elsewhere."""
-    if jax.default_backend() == "cpu":
+    """Per-process CPU tuning (freed memory kept mapped, within a bound); nothing elsewhere.
+
+    It must run before the backend starts: the runtime's threads would otherwise have taken
+    their own malloc arenas already, and the retention would not reach them."""
+    if cpu_only():
         from lm.kernels import memory
 
         memory.retain_within_bound()

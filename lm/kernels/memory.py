@@ -5,7 +5,7 @@ XLA:CPU allocates a step's temporaries afresh each step. By default glibc serves
 back in page by page (docs/benchmarks.md has the cost). One arena, no mmap and no trimming
 keep the pages mapped, as PyTorch's caching allocators do. A heap that is never trimmed can
 fragment, though, and grow by a step's worth at a time; a background thread hands free pages
-back when the heap holds far more free memory than the process has ever had in use.
+back when the heap grows although it holds plenty of free memory.
 Linux/glibc only; `LM_RETAIN_FREED_MEMORY=0` opts out.
 """
 
@@ -41,22 +41,32 @@ def retain_freed_memory() -> bool:
 
 
 class MemoryBound:
-    """Trims the heap when its free bytes pass `factor` × the largest in-use size seen (and
-    `minimum`): a healthy heap keeps at most one step's temporaries free, a fragmented one more."""
+    """Trims the heap when it grew past its largest size while it held over `minimum` free
+    bytes: the new block fitted none of the free ones (fragmentation), and an untrimmed heap
+    would go on growing by a step's worth. A heap holding its working set steady never passes
+    its largest size (refilling what a trim returned does not count), so it is never trimmed;
+    sampling the heap's size, not its in-use peak, makes that independent of when samples fall."""
 
-    def __init__(self, factor: float = 1.0, minimum: int = 256 << 20):
+    def __init__(self, minimum: int = 256 << 20):
         self.libc = ctypes.CDLL(None)
         self.libc.mallinfo2.restype = _MallInfo2
-        self.factor, self.minimum, self.peak_in_use, self.trims = factor, minimum, 0, 0
+        self.minimum, self.trims = minimum, 0
+        self.largest, self.free = self._sample()
+
+    def _sample(self) -> tuple[int, int]:
+        info = self.libc.mallinfo2()
+        return info.arena, info.fordblks  # bytes the heap holds, and how many of them are free
 
     def check(self) -> bool:
-        """Sample the heap; trim if it holds too much free memory. Returns whether it trimmed."""
-        info = self.libc.mallinfo2()
-        self.peak_in_use = max(self.peak_in_use, info.uordblks)
-        if info.fordblks <= max(self.minimum, self.factor * self.peak_in_use):
+        """Sample the heap; trim if it grew despite its free memory. Returns whether it trimmed."""
+        size, free = self._sample()
+        grew, had_free = size > self.largest, self.free > self.minimum
+        self.largest, self.free = max(self.largest, size), free
+        if not (grew and had_free):
             return False
         self.libc.malloc_trim(0)
         self.trims += 1
+        self.free = self._sample()[1]
         return True
 
 

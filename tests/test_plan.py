@@ -1,0 +1,99 @@
+"""The sweep planner checks every sweep field (bar slurm) before it plans anything; nothing compiles."""
+
+import pytest
+
+from configs.isoflop import gpu, micro, tiny
+from experiments.plan import plan
+from lm.config import ConfigError
+
+
+def _set(config, dotted: str, value) -> None:
+    *parents, key = dotted.split(".")
+    for p in parents:
+        config = config[p]
+    config[key] = value
+
+
+@pytest.mark.parametrize("sweep", [tiny.get_config, gpu.get_config, micro.get_config,
+                                   lambda: micro.get_config("quick")])
+def test_the_packaged_sweeps_pass(sweep):
+    assert plan(sweep())
+
+
+GENERATED = {"shapes": ()}  # fields only generated sizes read
+BAD = [
+    ({"workers": 0}, r"config\.workers = 0 is not allowed: must be a positive integer"),
+    ({"workers": -2}, r"config\.workers = -2"),
+    ({"runner": "ssh"}, r"config\.runner = 'ssh' is not allowed: must be one of local, subprocess, slurm"),
+    ({"mode": "linear"}, r"config\.mode = 'linear'"),
+    ({"flops": "approx"}, r"config\.flops = 'approx'"),
+    ({"budgets": ()}, r"config\.budgets = \(\) is not allowed: list at least one"),
+    ({"budgets": (1e12, -3e12, 1e13)}, r"config\.budgets = .* must be positive"),
+    ({"budgets": (1e12, float("nan"), 1e13)}, r"config\.budgets = .* must be positive"),
+    ({"budgets": (1e12, 1e12, 3e12)}, r"config\.budgets = .* duplicates"),
+    ({"shapes": ("16x1", "16x2")}, r"config\.shapes = .* has 2 entries for 3 budgets"),
+    ({"shapes": ("16x1", "16x2", "24by2")}, r"config\.shapes\[2\] = '24by2'"),
+    ({"shapes": ("16x1", "16x2", "25x2")}, r"config\.shapes\[2\]: shape '25x2' needs an even d_model"),
+    ({**GENERATED, "sizes_per_budget": 0}, r"config\.sizes_per_budget = 0"),
+    ({**GENERATED, "size_span": 1.0}, r"config\.size_span = 1\.0 is not allowed: must be > 1"),
+    ({"size_span": 0.5}, r"config\.size_span = 0\.5"),
+    ({**GENERATED, "tokens_per_param": 0.0}, r"config\.tokens_per_param = 0\.0"),
+    ({"tokens_per_param": -20.0}, r"config\.tokens_per_param = -20\.0"),
+    ({**GENERATED, "aspect_ratio": 0.0}, r"config\.aspect_ratio = 0\.0"),
+    ({"head_dim": 0}, r"config\.head_dim = 0"),
+    ({"ffn_ratio": 0.0}, r"config\.ffn_ratio = 0\.0"),
+    ({"batch_exponent": -0.5}, r"config\.batch_exponent = -0\.5 is not allowed: must lie in \[0, 1\]"),
+    ({"batch_exponent": 2.0}, r"config\.batch_exponent = 2\.0"),
+    ({"batch_ref_params": 0.0}, r"config\.batch_ref_params = 0\.0"),
+    ({"cooldown_frac": 0.0}, r"config\.cooldown_frac = 0\.0 is not allowed: must lie in \(0, 1\)"),
+    ({"cooldown_frac": 1.0}, r"config\.cooldown_frac = 1\.0"),
+    ({"analysis.n": "embedding"}, r"config\.analysis\.n = 'embedding'"),
+    ({"analysis.bootstrap": -1}, r"config\.analysis\.bootstrap = -1"),
+    ({"name": ""}, r"config\.name = ''"),
+    ({"sweep_dir": ""}, r"config\.sweep_dir = ''"),
+    # the base training config, through lm.config.validate, named as the sweep names it
+    ({"train.data.batch_size": 0}, r"config\.train\.data\.batch_size = 0"),
+    ({"train.data.seq_len": 0}, r"config\.train\.data\.seq_len = 0"),
+    ({"train.optim.b1": 1.5}, r"config\.train\.optim\.b1 = 1\.5"),
+    ({"train.train.microbatches": 3}, r"config\.train\.train\.microbatches = 3"),
+    ({"train.mesh.shape": (0, 1, 1)}, r"config\.train\.mesh\.shape = \(0, 1, 1\)"),
+    # ... and each planned run's: the batch rule gives the small models 2 sequences, not divisible by 16
+    ({"batch_exponent": 0.5, "train.train.microbatches": 16},
+     r"run C3e11-N1\.1e4 as planned: config\.train\.train\.microbatches = 16 is not allowed: must divide "
+     r"data\.batch_size = 2"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[str(o) for o, _ in BAD])
+def test_bad_sweep_fields_are_one_error_naming_the_field(overrides, message):
+    c = tiny.get_config()
+    for k, v in overrides.items():
+        _set(c, k, v)
+    with pytest.raises(ConfigError, match=message):
+        plan(c)
+
+
+def test_a_sweep_config_without_a_field_says_which():
+    c = tiny.get_config()
+    del c["workers"]
+    with pytest.raises(ConfigError, match=r"config\.workers is missing"):
+        plan(c)
+
+
+def test_a_budget_too_small_for_generated_sizes_says_so_and_what_it_needs():
+    c = tiny.get_config()
+    c.shapes, c.budgets = (), (1e6, 1e12)
+    with pytest.raises(ConfigError, match=r"budget 1e6 is too small for generated sizes") as e:
+        plan(c)
+    assert "duplicate" not in str(e.value)
+    need = float(str(e.value).split("at least ")[1].split(" FLOPs")[0])
+    c.budgets = (need * 1.01, 1e12)
+    try:  # from the budget it names the sizes are not too small (each may still lack steps for 1 %) ...
+        plan(c)
+    except ConfigError as later:
+        assert "too small for generated sizes" not in str(later)
+    c.budgets = (need * 30, 1e12)  # ... and with enough steps for the 1 % budget tolerance, it plans
+    assert len(plan(c)) == 2 * c.sizes_per_budget
+    c.budgets, c.size_span = (1e12,), 1.05  # sizes too close together: still the span's fault
+    with pytest.raises(ConfigError, match=r"budget 1e12 has duplicate model sizes .* widen config\.size_"):
+        plan(c)
