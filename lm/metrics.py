@@ -136,8 +136,10 @@ class MetricsWriter:
 
         # Event files are named by the second they open in: the suffix keeps a restart within
         # the same second from truncating the previous file, and sorts it after that one.
-        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1,
-                                flush_secs=30, filename_suffix=f".{resume_step:010d}.{os.getpid()}")
+        # A fresh run has nothing to purge (and a purge marker at step 1 would hide its events).
+        purge = resume_step + 1 if resume_step else None
+        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge, flush_secs=30,
+                                filename_suffix=f".{resume_step:010d}.{os.getpid()}")
 
     def write(self, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl; each scalar once per step in TensorBoard."""
