@@ -124,22 +124,27 @@ class MetricsWriter:
     def __init__(self, workdir: Path, resume_step: int):
         self.active = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
+        self.logdir = workdir / "tensorboard"
         self.tb = None
+        # A fresh run has nothing to purge (and a purge marker at step 1 would hide its events).
+        self.purge = resume_step + 1 if resume_step else None
         self.written: dict[str, int] = {}  # TensorBoard tag -> last step written
-        if not self.active:
-            return
-        if self.path.exists():
+        if self.active and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if (step := _step_of(line)) is not None and step <= resume_step]
             write_bytes_atomic(self.path, "".join(f"{line}\n" for line in keep).encode())
-        from tensorboardX import SummaryWriter
 
-        # Event files are named by the second they open in: the suffix keeps a restart within
-        # the same second from truncating the previous file, and sorts it after that one.
-        # A fresh run has nothing to purge (and a purge marker at step 1 would hide its events).
-        purge = resume_step + 1 if resume_step else None
-        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge, flush_secs=30,
-                                filename_suffix=f".{resume_step:010d}.{os.getpid()}")
+    def _events(self):
+        """The open event file; a new one after each flush, the first of a resume purging."""
+        if self.tb is None:
+            from tensorboardX import SummaryWriter
+
+            # Files sort by the second they open in, then by this suffix: a file opened later,
+            # by this process or a restart within the same second, sorts after the earlier ones.
+            self.tb = SummaryWriter(str(self.logdir), purge_step=self.purge, flush_secs=30,
+                                    filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+            self.purge = None
+        return self.tb
 
     def write(self, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl; each scalar once per step in TensorBoard."""
@@ -150,18 +155,19 @@ class MetricsWriter:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float) and self.written.get(key, -1) < step:
-                self.tb.add_scalar(key, value, step)
+                self._events().add_scalar(key, value, step)
                 self.written[key] = step
 
     def flush(self) -> None:
-        """Put the buffered TensorBoard events on disk (at every checkpoint: a kill loses none
-        the checkpoint covers)."""
-        if self.tb is not None:
-            self.tb.flush()
+        """Put every TensorBoard event written so far on disk (at each checkpoint: a kill loses
+        none the checkpoint covers). tensorboardX's own flush skips events still queued for its
+        writer thread; only closing the file drains them, so the next write opens a new file."""
+        self.close()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def format_duration(seconds: float) -> str:

@@ -3,6 +3,7 @@ that a kill and a resume leave with every step once."""
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -75,11 +76,13 @@ def test_resume_keeps_every_step_once(tmp_path):
     """A writer killed after flushing (at a checkpoint) and a resume from step 20: metrics.jsonl
     and TensorBoard show steps 10..40 once each, the resumed run's values past 20, and a scalar
     that a log and an eval record share at one step once."""
-    first = metrics.MetricsWriter(tmp_path, 0)
+    (tmp_path / "first").mkdir()
+    first = metrics.MetricsWriter(tmp_path / "first", 0)
     for step in (10, 20, 30):
         first.write({"step": step, "loss": float(step), "tokens": step})
         first.write({"step": step, "eval_loss": -float(step), "tokens": step})
-    first.flush()  # killed here: never closed
+    first.flush()
+    shutil.copytree(tmp_path / "first", tmp_path, dirs_exist_ok=True)  # killed here: what's on disk
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3')  # a line torn by the kill
     second = metrics.MetricsWriter(tmp_path, 20)
