@@ -412,8 +412,8 @@ def run(f: flags.FlagValues) -> list[dict[str, Any]]:
     """The benchmark the parsed flags `f` ask for, one printed line per result; every flag is
     checked first (ConfigError)."""
     mode = mode_of(f)
+    setup()  # before anything starts the backend (validation counts devices)
     configs = _step_configs(f) if mode in ("step", "lower") else []  # all checked before compiling
-    setup()
     if mode == "data":
         overrides = {k: f[k].value for k in OPTION_MODES if "data" in OPTION_MODES[k]
                      and k != "steps" and f[k].value is not None}

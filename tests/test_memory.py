@@ -79,3 +79,19 @@ def test_cpu_process_retains_memory_within_a_bound():
         print(any(t.name == "lm-memory-bound" for t in threading.enumerate()))
     """)
     assert out.stdout.split()[-1] == ("True" if platform.libc_ver()[0] == "glibc" else "False")
+
+
+def test_bench_tunes_the_host_before_the_backend_starts():
+    """lm.bench sets the malloc retention before anything (its validation counts devices)
+    starts the backend: afterwards the runtime's threads hold arenas it would not reach."""
+    out = run_python("""
+        import jax._src.xla_bridge as xb
+        from lm import bench, kernels
+        configure = kernels.configure_host
+        def checked():
+            print("backend up at configure_host:", xb.backends_are_initialized())
+            configure()
+        kernels.configure_host = checked
+        bench.main(["--shape", "32,2,2,32,2", "--steps", "1", "--warmup", "0"])
+    """)
+    assert "backend up at configure_host: False" in out.stdout
