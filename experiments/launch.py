@@ -343,7 +343,7 @@ def running_elsewhere(sweep_dir: Path, name: str) -> str:
     """Who holds the run's lock, '' when no live process does: a run to leave alone. Only looks
     (taking the lock to test it could turn away the runner about to claim the run)."""
     lock = RunLock(run_dir(sweep_dir, name))
-    return lock.holder() if lock.path.exists() and not lock._stale() else ""
+    return lock.holder() if lock.held() else ""
 
 
 def link_log(sweep_dir: Path, name: str, log: Path) -> None:

@@ -160,6 +160,10 @@ class RunLock:
         except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
             return "an unknown process"
 
+    def held(self) -> bool:
+        """Whether a live process holds the lock (looking only: nothing is taken or broken)."""
+        return self.path.exists() and not self._stale()
+
     def _stale(self) -> bool:
         try:
             owner = json.loads(self.path.read_text())
