@@ -101,7 +101,7 @@ def shape_for_params(
         for d in _widths(center):
             if heads_for(d, head_dim) != _nearest_heads(d, head_dim):
                 continue  # a width whose heads would not be about head_dim wide
-            f = d_ff_for(d, ffn_ratio, base.activation)
+            f = d_ff_for(d, ffn_ratio)
             pc = _count(d, n_layers, d, f, base.vocab_size, swiglu, base.tied_embeddings)
             n = pc.total if count == "total" else pc.non_embedding
             if on_aspect is None and d >= center:
@@ -122,7 +122,7 @@ def model_for_shape(base: ml_collections.ConfigDict, d_model: int, n_layers: int
     cfg = ml_collections.ConfigDict(base.to_dict())
     cfg.d_model, cfg.n_layers, cfg.head_dim = d_model, n_layers, 0
     cfg.n_heads = heads_for(d_model, head_dim)
-    cfg.d_ff = d_ff_for(d_model, ffn_ratio, cfg.activation)
+    cfg.d_ff = d_ff_for(d_model, ffn_ratio)
     return cfg
 
 
@@ -140,9 +140,10 @@ def heads_for(d_model: int, head_dim: int) -> int:
     return h
 
 
-def d_ff_for(d_model: int, ffn_ratio: float, activation: str) -> int:
-    """ffn_ratio·d_model rounded to a multiple of 8; SwiGLU keeps 2/3 of it so the MLP cost matches."""
-    return max(8, round(ffn_ratio * d_model * (2 / 3 if activation == "swiglu" else 1) / 8) * 8)
+def d_ff_for(d_model: int, ffn_ratio: float) -> int:
+    """ffn_ratio·d_model rounded to a multiple of 8, whatever the activation: the one width rule
+    (a SwiGLU config that wants a GELU MLP's cost asks for 2/3 of its ratio, e.g. 8/3)."""
+    return max(8, round(ffn_ratio * d_model / 8) * 8)
 
 
 def _widths(center: float) -> list[int]:

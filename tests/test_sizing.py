@@ -77,6 +77,18 @@ def test_head_and_ffn_rules():
     assert [heads_for(d, 16) for d in (8, 24, 40, 48, 80)] == [1, 2, 2, 3, 5]
     with pytest.raises(ValueError, match="even d_model"):
         heads_for(17, 16)
-    assert d_ff_for(64, 4.0, "gelu") == 256 and d_ff_for(96, 4.0, "swiglu") == 256
-    assert d_ff_for(12, 3.5, "swiglu") == 32  # exactly 3.5 multiples of 8: rounds half to even
-    assert d_ff_for(2, 1.0, "gelu") == 8
+    assert d_ff_for(64, 4.0) == 256 and d_ff_for(96, 8 / 3) == 256
+    assert d_ff_for(64, 3.5) == 224 and d_ff_for(2, 1.0) == 8
+
+
+def test_gpu_study_swiglu_width_is_its_ffn_ratio():
+    """configs/isoflop/gpu.py asks for d_ff = 8/3 d_model (SwiGLU at a GELU MLP's cost); every
+    planned model gets that width, not 2/3 of it again."""
+    from configs.isoflop import gpu
+    from experiments.plan import plan
+
+    sweep = gpu.get_config()
+    assert sweep.train.model.activation == "swiglu"
+    for r in plan(sweep):
+        m = r.config.model
+        assert abs(m.d_ff - sweep.ffn_ratio * m.d_model) <= 4, (r.name, m.d_model, m.d_ff)
