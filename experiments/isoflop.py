@@ -71,12 +71,34 @@ class Progress:
             self.last = line
 
 
-def measured_seconds_per_flop(runs: list[Run]) -> float:
-    """Time per FLOP of the middle run's train step, measured with lm.bench (one compile)."""
+MEASURE_LIMIT_S = 60.0  # the longest a dry run's measurement may take, at the device's peak
+
+
+def measured_seconds_per_flop(runs: list[Run]) -> float | None:
+    """Time per FLOP of the middle run's train step, measured with lm.bench (one compile); None,
+    with a line saying why, when this machine cannot measure it in reasonable time or memory
+    (a GPU study planned on a laptop)."""
+    import jax
+
     from lm.bench import benchmark
+    from lm.metrics import device_peak_flops
 
     r = runs[len(runs) // 2]
-    return 1.0 / benchmark(r.config, steps=5, warmup=1)["achieved_flops"]
+    c = r.config
+    step = c.data.batch_size * c.data.seq_len * r.flops / r.tokens
+    seconds = 6 * step / (device_peak_flops() * jax.device_count())  # 5 steps and a warm-up
+    advice = "pass --flops_per_second for time estimates"
+    if not seconds <= MEASURE_LIMIT_S:
+        print(f"no time estimates: 6 steps of {r.name} would take about {seconds:.0f} s on "
+              f"{jax.devices()[0].device_kind} at its peak; {advice}", flush=True)
+        return None
+    try:
+        return 1.0 / benchmark(c, steps=5, warmup=1)["achieved_flops"]
+    except Exception as e:  # noqa: BLE001 - out of memory, most likely: the plan still prints
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"no time estimates: measuring {r.name} failed ({type(e).__name__}: {first}); "
+              f"{advice}", flush=True)
+        return None
 
 
 def main(argv: list[str]) -> None:
@@ -86,7 +108,8 @@ def main(argv: list[str]) -> None:
 
     cli.define_config("isoflop/tiny.py", "sweep config file")
     flags.DEFINE_string("sweep_dir", None, "sweep directory (default: the config's sweep_dir)")
-    flags.DEFINE_bool("dry_run", False, "print the plan (with measured time estimates) and stop")
+    flags.DEFINE_bool("dry_run", False, "print the plan (with measured time estimates) and its FLOPs "
+                      "of results against FLOPs of training, and stop")
     flags.DEFINE_float("flops_per_second", 0.0, "dry run: estimate times at this training rate "
                        "(e.g. 3.5e14 for an H100 at 35 % MFU) instead of measuring this machine")
     flags.DEFINE_enum("runner", None, ["local", "subprocess", "slurm"], "override config.runner")
@@ -104,6 +127,9 @@ def main(argv: list[str]) -> None:
         f = flags.FLAGS
         setup()
         sweep = f.config
+        if f.sweep_dir is not None and not f.sweep_dir.strip():
+            raise ConfigError("--sweep_dir is empty: name the sweep directory, or leave the flag "
+                              f"out for the config's ({sweep.sweep_dir})")
         sweep_dir = Path(f.sweep_dir or sweep.sweep_dir).absolute()
         try:
             launch.validate_slurm(sweep.slurm)

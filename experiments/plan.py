@@ -1,5 +1,6 @@
 """Planning an IsoFLOP sweep: a pure function from a sweep config to its named runs, each with the
-step count that meets its FLOP budget (and, in `wsd` mode, its trunk); see docs/experiments.md."""
+step count that meets its FLOP budget (and, in `wsd` and `grid` modes, its trunk); see
+docs/experiments.md."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Run:
     flops: float  # exact Appendix-F training FLOPs
     flops_6nd: float
     workdir: str = ""
-    after: str | None = None  # wsd mode: the trunk run this one branches from
+    after: str | None = None  # wsd and grid modes: the trunk run this one branches from
     branch_step: int = 0  # ... at this step (the steps before it are shared, not retrained)
 
     @property
@@ -90,7 +91,7 @@ def _real(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-MODES = ("cosine", "wsd")
+MODES = ("cosine", "wsd", "grid")
 FLOPS = ("exact", "6nd")
 RUNNERS = ("local", "subprocess", "slurm")
 # Every sweep field but budgets, shapes and train (checked together below) and slurm (by launch):
@@ -107,16 +108,20 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_exponent": (lambda v: _real(v) and 0 <= v <= 1,
                        "must lie in [0, 1] (0: every run takes train.data.batch_size)"),
     "batch_ref_params": (lambda v: _real(v) and v > 0, "must be > 0 (the size that gets the base batch)"),
-    "mode": (lambda v: v in MODES, "must be 'cosine' (independent runs) or 'wsd' (cooldown branches "
-             "from one trunk per size)"),
+    "mode": (lambda v: v in MODES, "must be 'cosine' (independent runs), 'wsd' (cooldown branches "
+             "from one trunk per size) or 'grid' (sizes x budgets, a trunk per size)"),
     "cooldown_frac": (lambda v: _real(v) and 0 < v < 1, "must lie in (0, 1): the fraction of each wsd "
-                      "run spent cooling down"),
+                      "or grid run spent cooling down"),
     "flops": (lambda v: v in FLOPS, "must be 'exact' (Appendix F) or '6nd'"),
     "runner": (lambda v: v in RUNNERS, f"must be one of {', '.join(RUNNERS)}"),
     "workers": (lambda v: _integer(v) and v > 0, "must be a positive integer (parallel runs of the "
                 "subprocess runner)"),
     "analysis.n": (lambda v: v in ("total", "non_embedding"), "must be 'total' or 'non_embedding'"),
     "analysis.bootstrap": (lambda v: _integer(v) and v >= 0, "must be an integer >= 0 (0: no intervals)"),
+    "grid.shapes": (lambda v: isinstance(v, str), "must be a string of d_modelxn_layers sizes like "
+                    "'16x1,24x2' ('': a generated ladder)"),
+    "grid.spacing": (lambda v: _real(v) and v > 1, "must be > 1 (the largest ratio between neighbouring "
+                     "budgets, so between a size's neighbouring token counts)"),
 }
 
 
@@ -124,7 +129,7 @@ def _field(sweep: ml_collections.ConfigDict, name: str) -> Any:
     """sweep.<name> (dotted); a config without it says which field it lacks."""
     value = sweep
     for key in name.split("."):
-        if key not in value:
+        if not isinstance(value, ml_collections.ConfigDict) or key not in value:
             raise ConfigError(f"config.{name} is missing: start the sweep config from "
                               "configs/isoflop/tiny.py, which sets every field")
         value = value[key]
@@ -166,6 +171,9 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
     if shapes and len(shapes) != len(budgets):
         fail("shapes", tuple(shapes), f"has {len(shapes)} entries for {len(budgets)} budgets: give one "
              "shape list per budget")
+    if shapes and sweep.mode == "grid":
+        fail("shapes", tuple(shapes), "must be () in grid mode: the grid's sizes are config.grid.shapes, "
+             "and each budget's line holds those in its window")
     for i, spec in enumerate(shapes):
         parse_shapes(spec, f"shapes[{i}]")
     validate_config(_field(sweep, "train"), "")
@@ -187,13 +195,84 @@ def _too_small(sweep: ml_collections.ConfigDict, budget: float, targets: list[fl
             f"{sweep.size_span:g}), or give explicit config.shapes")
 
 
+def grid_budgets(budgets: list[float] | tuple[float, ...], spacing: float) -> list[float]:
+    """The budgets in order, with geometric fill between neighbours so none is more than `spacing`
+    times the one below (the given budgets stay, exactly)."""
+    ordered = sorted(budgets)
+    out = ordered[:1]
+    for lo, hi in zip(ordered, ordered[1:], strict=False):
+        k = math.ceil(math.log(hi / lo) / math.log(spacing) - 1e-9)  # sqrt(2)**2 may round past 2
+        out += [lo * (hi / lo) ** (j / k) for j in range(1, k)] + [hi]
+    return out
+
+
+def window(sweep: ml_collections.ConfigDict, budget: float) -> tuple[float, float]:
+    """The sizes that belong on a budget's line: a factor size_span around N = sqrt(C / (6 r)), the
+    range generated sizes span."""
+    centre = math.sqrt(budget / (6 * sweep.tokens_per_param))
+    return centre / math.sqrt(sweep.size_span), centre * math.sqrt(sweep.size_span)
+
+
+def grid_models(sweep: ml_collections.ConfigDict, budgets: list[float]) -> list[ml_collections.ConfigDict]:
+    """The grid's sizes: config.grid.shapes, or a ladder of generated sizes with sizes_per_budget
+    rungs per factor size_span, over the windows of all budgets."""
+    base = sweep.train.model
+    if sweep.grid.shapes:
+        shapes = parse_shapes(sweep.grid.shapes, "grid.shapes")
+        if len(set(shapes)) != len(shapes):
+            fail("grid.shapes", sweep.grid.shapes, "lists a size twice: every size once")
+        return [model_for_shape(base, d, n_layers, head_dim=sweep.head_dim, ffn_ratio=sweep.ffn_ratio)
+                for d, n_layers in shapes]
+    (lo, _), (_, hi) = window(sweep, min(budgets)), window(sweep, max(budgets))
+    rung = math.log(sweep.size_span) / sweep.sizes_per_budget
+    models: dict[tuple[int, int], ml_collections.ConfigDict] = {}
+    for k in range(math.ceil(math.log(lo) / rung), math.floor(math.log(hi) / rung) + 1):
+        m = shape_for_params(math.exp(k * rung), aspect_ratio=sweep.aspect_ratio, head_dim=sweep.head_dim,
+                             ffn_ratio=sweep.ffn_ratio, base=base)
+        if lo <= count_params(m).total <= hi:  # a shape a few % off its rung may miss every window
+            models.setdefault((m.d_model, m.n_layers), m)  # small rungs may collapse onto one shape
+    return list(models.values())
+
+
+def grid_lines(sweep: ml_collections.ConfigDict) -> list[tuple[float, list, list]]:
+    """Grid mode's IsoFLOP lines: every filled budget with the grid sizes in its window, smallest
+    first; a size on no line, or a line with fewer than 3 sizes (no parabola), is an error."""
+    budgets = grid_budgets(sweep.budgets, sweep.grid.spacing)
+    models = sorted(grid_models(sweep, budgets), key=lambda m: count_params(m).total)
+    lines = []
+    for budget in budgets:
+        lo, hi = window(sweep, budget)
+        on = [m.copy_and_resolve_references() for m in models if lo <= count_params(m).total <= hi]
+        if len(on) < 3:
+            raise ConfigError(
+                f"grid: budget {sci(budget)} has {len(on)} size(s) in its window [{lo:.3g}, {hi:.3g}] "
+                "params, and approach 2 needs at least 3: add sizes to config.grid.shapes, or widen "
+                "config.size_span (config.tokens_per_param moves the window)")
+        lines.append((budget, on, []))
+    used = {(m.d_model, m.n_layers) for _, on, _ in lines for m in on}
+    unused = [f"{m.d_model}x{m.n_layers} ({count_params(m).total:,} params)" for m in models
+              if (m.d_model, m.n_layers) not in used]
+    if unused:
+        raise ConfigError(f"grid: {', '.join(unused)} on no budget's line (windows from "
+                          f"{window(sweep, budgets[0])[0]:.3g} to {window(sweep, budgets[-1])[1]:.3g} "
+                          "params): drop them from config.grid.shapes or move the windows "
+                          "(config.tokens_per_param, config.size_span)")
+    return lines
+
+
+def lines(sweep: ml_collections.ConfigDict) -> list[tuple[float, list, list]]:
+    """Every IsoFLOP line of the sweep: (budget, its model configs, their targets when generated)."""
+    if sweep.mode == "grid":
+        return grid_lines(sweep)
+    return [(budget, *budget_models(sweep, i, budget)) for i, budget in enumerate(sweep.budgets)]
+
+
 def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
          data_parallel: int = 1) -> list[Run]:
     """All runs of the sweep, budgets in order, smallest model first within a budget."""
     validate_sweep(sweep)
     runs: list[Run] = []
-    for i, budget in enumerate(sweep.budgets):
-        models, targets = budget_models(sweep, i, budget)
+    for budget, models, targets in lines(sweep):
         sizes = [(m.d_model, m.n_layers) for m in models]
         if len(set(sizes)) != len(sizes):
             dup = sorted({s for s in sizes if sizes.count(s) > 1})
@@ -231,14 +310,15 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a name: {sorted({n for n in names if names.count(n) > 1})}")
-    runs = wsd_branches(runs, sweep) if sweep.mode == "wsd" else runs
+    runs = wsd_branches(runs, sweep) if sweep.mode in ("wsd", "grid") else runs
     for r in runs:
         validate_config(r.config, f"run {r.name} as planned: ")
     return runs
 
 
 def wsd_branches(runs: list[Run], sweep: ml_collections.ConfigDict) -> list[Run]:
-    """Turn the runs of each model size into one WSD trunk and cooldown branches from it."""
+    """Turn the runs of each model size into one WSD trunk and cooldown branches from it; all share
+    the warmup of the shortest (warmup_frac of its steps), so no run warms up for longer than that."""
     by_size: dict[tuple, list[Run]] = {}
     for r in runs:
         m = r.config.model
@@ -246,7 +326,7 @@ def wsd_branches(runs: list[Run], sweep: ml_collections.ConfigDict) -> list[Run]
     out = {}
     for group in by_size.values():
         trunk = max(group, key=lambda r: r.steps)
-        warmup = max(1, round(sweep.train.optim.warmup_frac * trunk.steps))
+        warmup = max(1, round(sweep.train.optim.warmup_frac * min(r.steps for r in group)))
         branch_steps = []
         for r in group:
             c = r.config
@@ -257,7 +337,7 @@ def wsd_branches(runs: list[Run], sweep: ml_collections.ConfigDict) -> list[Run]
             start = r.steps - round(sweep.cooldown_frac * r.steps)
             if start < warmup:
                 raise ConfigError(
-                    f"wsd mode: {r.name} would branch at step {start}, inside the trunk's warmup "
+                    f"{sweep.mode} mode: {r.name} would branch at step {start}, inside the trunk's warmup "
                     f"({warmup} steps of {trunk.name}); use budgets further apart or a shorter "
                     "warmup")
             c.train.init_from, c.train.init_step, c.train.init_mode = trunk.workdir, start, "state"
@@ -285,9 +365,20 @@ def format_plan(runs: list[Run], seconds_per_flop: float | None = None) -> str:
             f"{r.name:<18} {r.budget:8.1e} {r.n_params:10,d} {r.n_params_non_embedding:10,d} "
             f"{r.shape:>7} {r.tokens:11,d} {r.steps:6d} {r.flops:9.3e} {r.flops_6nd:9.3e} "
             f"{r.tokens / r.n_params:6.1f} {est:>9}{branch}")
-    total, cost = sum(r.flops for r in runs), sum(trained_flops(r) for r in runs)
-    lines.append(f"{len(runs)} runs, {total:.3e} FLOPs of results for {cost:.3e} FLOPs of training"
-                 + (f" ({1 - cost / total:.0%} saved by WSD branches)" if cost < total else "")
-                 + ("" if seconds_per_flop is None else
-                    f", about {cost * seconds_per_flop / 60:.1f} min at the estimated throughput"))
+    cost = sum(trained_flops(r) for r in runs)
+    lines.append(flops_line(runs) + ("" if seconds_per_flop is None else
+                                     f", about {cost * seconds_per_flop / 60:.1f} min at the estimated "
+                                     "throughput"))
     return "\n".join(lines)
+
+
+def flops_line(runs: list[Run]) -> str:
+    """FLOPs of results, which is what the same (N, D) points cost as independent cosine runs, against
+    FLOPs of training (a branch does not retrain its trunk)."""
+    total, cost = sum(r.flops for r in runs), sum(trained_flops(r) for r in runs)
+    if cost >= total:
+        return f"{len(runs)} runs, {total:.3e} FLOPs of results for {cost:.3e} FLOPs of training"
+    trunks = sum(r.after is None for r in runs)
+    return (f"{len(runs)} runs ({trunks} trunks, {len(runs) - trunks} branches), {total:.3e} FLOPs of "
+            f"results (their cost as independent cosine runs) for {cost:.3e} FLOPs of training: results / "
+            f"training = {total / cost:.2f}, {1 - cost / total:.0%} saved by WSD branches")

@@ -4,6 +4,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,9 @@ def run(cwd, module: str, *args: str) -> subprocess.CompletedProcess:
     ("lm.sizing", ["--targets=1e6,0"],
      "--targets=1e6,0 is not allowed: must be finite parameter counts >= 1"),
     ("lm.smoke", ["--out="], "--out is empty: it names the JSON report to write"),
+    ("experiments.isoflop", ["--sweep_dir=", "--dry_run"],
+     "--sweep_dir is empty: name the sweep directory, or leave the flag out for the config's "
+     "(sweeps/tiny)"),
 ])
 def test_a_bad_flag_is_one_line(tmp_path, module, args, message):
     proc = run(tmp_path, module, *args)
@@ -42,3 +46,16 @@ def test_the_default_sweep_plans_from_any_directory(tmp_path):
                f"--sweep_dir={tmp_path / 'sweep'}")
     assert proc.returncode == 0, proc.stderr
     assert "C3e12" in proc.stdout
+
+
+def test_a_dry_run_this_machine_cannot_measure_still_plans(tmp_path):
+    """The GPU study planned on a CPU: no minutes-long (or out-of-memory) measurement of a large
+    model, one line saying so, and the plan."""
+    gpu = Path(__file__).parents[1] / "configs/isoflop/gpu.py"
+    proc = run(tmp_path, "experiments.isoflop", f"--config={gpu}", "--dry_run",
+               f"--sweep_dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr
+    first, *rest = proc.stdout.splitlines()
+    assert first.startswith("no time estimates: 6 steps of C1e17-") and first.endswith(
+        "pass --flops_per_second for time estimates"), first
+    assert rest[-1].startswith("35 runs, ") and "C1e18-N3.6e8" in proc.stdout

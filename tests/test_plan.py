@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs.isoflop import gpu, micro, tiny
+from configs.isoflop import gpu, micro, tiny, tiny_grid
 from experiments.plan import plan
 from lm.config import ConfigError
 
@@ -15,7 +15,7 @@ def _set(config, dotted: str, value) -> None:
 
 
 @pytest.mark.parametrize("sweep", [tiny.get_config, gpu.get_config, micro.get_config,
-                                   lambda: micro.get_config("quick")])
+                                   lambda: micro.get_config("quick"), tiny_grid.get_config])
 def test_the_packaged_sweeps_pass(sweep):
     assert plan(sweep())
 

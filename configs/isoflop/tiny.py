@@ -41,8 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Batch rule: batch_size × (N / batch_ref_params) ** batch_exponent, a power of two.
     c.batch_exponent = 0.0
     c.batch_ref_params = 1e6
-    c.mode = "cosine"  # "cosine": independent runs; "wsd": cooldown branches from one trunk per size
-    c.cooldown_frac = 0.2  # wsd mode: each run's cooldown, as a fraction of its steps
+    # "cosine": independent runs; "wsd": cooldown branches from one trunk per size; "grid":
+    # sizes × budgets, one trunk per size with a branch on every budget's line (tiny_grid.py).
+    c.mode = "cosine"
+    c.cooldown_frac = 0.2  # wsd and grid modes: each run's cooldown, as a fraction of its steps
+    c.grid = ml_collections.ConfigDict()
+    c.grid.shapes = ""  # grid mode: d_modelxn_layers sizes ('': a generated ladder)
+    c.grid.spacing = 2**0.5  # grid mode: the largest ratio between neighbouring budgets
     c.flops = "exact"  # "exact" (Hoffmann et al. App. F) or "6nd": which count meets the budget
 
     c.runner = "subprocess"  # "local" (this process), "subprocess" or "slurm"

@@ -1,5 +1,6 @@
 """Approach 1: the lower envelope of the training curves (the lowest-loss run at each FLOP count),
-and power laws of N and D along it."""
+and power laws of N and D along it. A WSD run's curve is its size's finished runs (docs/experiments.md,
+grid sweeps)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ from lm.analysis.approach2 import power_law
 
 
 def curves(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per run, its included eval points sorted by FLOPs."""
+    """Per run its included eval points, sorted by FLOPs; but a WSD run's evals before its end are not
+    finished runs (stable phase, partial cooldown), so per size the final points of its WSD runs
+    (a trunk's and its branches') form that size's curve instead."""
     if "point" not in df.columns:
         return {}
-    ev = df[(df["point"] == "eval") & df["included"].astype(bool)]
-    ev = ev[np.isfinite(ev["C"]) & (ev["C"] > 0) & np.isfinite(ev["loss"])]
-    return {run: g.sort_values("C") for run, g in ev.groupby("run") if len(g) >= 2}
+    ok = df["included"].astype(bool) & np.isfinite(df["C"]) & (df["C"] > 0) & np.isfinite(df["loss"])
+    wsd = (df["schedule"] == "wsd") if "schedule" in df.columns else pd.Series(False, index=df.index)
+    out = {run: g for run, g in df[ok & (df["point"] == "eval") & ~wsd].groupby("run")}
+    out |= {f"N={n:.4g} (wsd ends)": g for n, g in df[ok & (df["point"] == "final") & wsd].groupby("N")}
+    return {name: g.sort_values("C") for name, g in out.items() if len(g) >= 2}
 
 
 def fit_approach1(df: pd.DataFrame, n_grid: int = 40) -> dict:
     """Envelope and its power laws; a reported skip when the sweep has no training curves."""
     runs = curves(df)
     if len(runs) < 2:
-        return {"skipped": "needs training curves (two or more eval points) from at least two runs; "
-                           "set train.eval_every below the run length"}
+        return {"skipped": "needs training curves (two or more eval points) from at least two runs, or "
+                           "WSD runs at two or more token counts per size; set train.eval_every below "
+                           "the run length"}
     lo = min(np.log(g["C"].min()) for g in runs.values())
     hi = max(np.log(g["C"].max()) for g in runs.values())
     envelope = []

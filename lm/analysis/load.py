@@ -17,10 +17,10 @@ from lm.files import FileError, read_json, run_dir
 
 N_CHOICES = ("total", "non_embedding")
 REQUIRED = ("N", "D", "loss")
-COLUMNS = ("run", "point", "step", "budget", "status", "included", "reason", "N", "N_total",
-           "N_non_embedding", "D", "C", "C_6nd", "loss", "flops_per_token", "config_hash")
+COLUMNS = ("run", "point", "step", "budget", "status", "schedule", "included", "reason", "N",
+           "N_total", "N_non_embedding", "D", "C", "C_6nd", "loss", "flops_per_token", "config_hash")
 FLOATS = ("budget", "N", "N_total", "N_non_embedding", "D", "C", "C_6nd", "loss", "flops_per_token")
-TEXT = ("run", "point", "status", "reason")  # "" when missing; config_hash stays missing
+TEXT = ("run", "point", "status", "schedule", "reason")  # "" when missing; config_hash stays missing
 POINTS = ("final", "eval")
 # Counts every plan entry and every completed result.json holds, and the type of each key the loader reads.
 COUNTS = ("n_params", "n_params_non_embedding", "tokens", "flops", "flops_6nd")
@@ -86,6 +86,15 @@ def _plan(sweep: Path) -> dict[str, dict]:
         if problem:
             raise FileError(f"{path}: runs[{i}] {problem}")
     return {r["name"]: r for r in runs}
+
+
+def _schedule(plan: dict) -> str:
+    """The learning-rate schedule a run was planned with ('' without plan.json): approach 1 takes
+    a WSD run's end point, not its curve."""
+    config = plan.get("config")
+    optim = config.get("optim") if isinstance(config, dict) else None
+    schedule = optim.get("schedule") if isinstance(optim, dict) else None
+    return schedule if isinstance(schedule, str) else ""
 
 
 def _result(path: Path) -> tuple[dict | None, str]:
@@ -155,6 +164,7 @@ def load_sweep(sweep: Path, n: str = "total") -> pd.DataFrame:
         fpt = _float(src["flops_per_token"]) if "flops_per_token" in src else (
             flops / tokens if _positive(tokens) else float("nan"))
         meta = {"run": name, "budget": _float(plan.get("budget")), "status": status,
+                "schedule": _schedule(plan),
                 "N_total": n_total, "N_non_embedding": n_ne, "N": n_total if n == "total" else n_ne,
                 "flops_per_token": fpt, "config_hash": (result or {}).get("config_hash")}
         loss = _float(result.get("eval_loss")) if result else float("nan")
@@ -256,7 +266,8 @@ def from_table(table: pd.DataFrame, n: str = "total", source: str = "table") -> 
     return _frame(pd.DataFrame({
         "run": column("run", [f"row{i}" for i in range(len(table))]), "point": column("point", "final"),
         "step": column("step", None), "budget": column("budget", np.nan),
-        "status": column("status", "completed"), "included": included, "reason": column("reason", ""),
+        "status": column("status", "completed"), "schedule": column("schedule", ""),
+        "included": included, "reason": column("reason", ""),
         "N": N, "N_total": values[total], "N_non_embedding": column("N_non_embedding", np.nan),
         "D": D, "C": C, "C_6nd": column("C_6nd", 6 * N * D), "loss": values["loss"],
         "flops_per_token": column("flops_per_token", C / D), "config_hash": column("config_hash", None),
