@@ -8,6 +8,8 @@ import subprocess
 import sys
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
@@ -86,9 +88,43 @@ def test_vectorised_fit_equals_scipy_from_the_same_start():
         return np.sum(np.where(np.abs(r) <= 1e-3, 0.5 * r**2, 1e-3 * (np.abs(r) - 0.5e-3)))
 
     ref = minimize(f, start, method="L-BFGS-B", options={"maxiter": 10000, "ftol": 1e-15, "gtol": 1e-12})
-    theta, value, _ = approach3.solve(start[None, None], log_n, log_d, log_l, np.ones((1, len(log_n))))
-    assert value[0, 0] == pytest.approx(ref.fun, rel=1e-4)
-    np.testing.assert_allclose(theta[0, 0][3:], ref.x[3:], rtol=1e-3)
+    theta, value, _ = approach3.solve(start[None], log_n, log_d, log_l, np.ones((1, len(log_n))))
+    assert value[0] == pytest.approx(ref.fun, rel=1e-4)
+    np.testing.assert_allclose(theta[0][3:], ref.x[3:], rtol=1e-3)
+
+
+def test_hand_gradient_equals_autodiff():
+    """The hand-derived gradient is jax.grad of `objective`, with points on both sides of the Huber kink
+    and resample weights, at the optimum and across the grid; its numpy form (scipy's) is the same."""
+    df = law_table(CHINCHILLA, 40, noise=0.002, seed=1)
+    log_n, log_d, log_l = (np.log(df[c].to_numpy()) for c in ("N", "D", "loss"))
+    rng = np.random.default_rng(0)
+    best = np.array([np.log(406.4), np.log(410.7), np.log(1.69), 0.34, 0.28])
+    x = np.concatenate([best + rng.normal(0, 1e-3, (4, 5)), approach3.default_grid()[::450]])
+    w = rng.poisson(1.0, (len(x), len(log_n))).astype(np.float64)
+    r = np.log(approach3.law(CHINCHILLA, df["N"].to_numpy(), df["D"].to_numpy())) - log_l
+    assert (np.abs(r) < 1e-3).any() and (np.abs(r) > 1e-3).any()  # both Huber branches
+    with jax.enable_x64(True):
+        f, g = approach3.value_and_grad(jnp.asarray(x), log_n, log_d, log_l, jnp.asarray(w))
+        ref_f, ref_g = jax.vmap(jax.value_and_grad(approach3.objective), (0, None, None, None, 0))(
+            jnp.asarray(x), log_n, log_d, log_l, jnp.asarray(w))
+    np.testing.assert_allclose(f, ref_f, rtol=1e-12)
+    np.testing.assert_allclose(g, ref_g, rtol=1e-9, atol=1e-12 * float(np.abs(ref_g).max()))
+    np_f, np_g = approach3.value_and_grad(x, log_n, log_d, log_l, w, xp=np)
+    np.testing.assert_allclose(np_f, f, rtol=1e-12)
+    np.testing.assert_allclose(np_g, g, rtol=1e-9, atol=1e-12 * float(np.abs(ref_g).max()))
+
+
+def test_bootstrap_from_the_best_fit_gives_the_intervals_of_more_starts():
+    """Each resample refitted from the full data's best fit alone lands where the 8 best starts take it:
+    the same intervals (the same resamples, so no Monte-Carlo noise between the two)."""
+    df = analysis.from_table(law_table(CHINCHILLA, 80, noise=0.01, seed=4))
+    one, more = (analysis.fit_approach3(df, bootstrap=100, bootstrap_starts=k) for k in (1, 8))
+    for k in ("a", "alpha", "beta", "E"):
+        np.testing.assert_allclose(one["ci"][k], more["ci"][k], rtol=1e-4, err_msg=k)
+    np.testing.assert_allclose(one["samples"]["a"], more["samples"]["a"], atol=1e-4)
+    with pytest.raises(ConfigError, match="bootstrap_starts = 0 is not allowed"):
+        analysis.fit_approach3(df, bootstrap=10, bootstrap_starts=0)
 
 
 def isoflop_table(a_true: float = 0.5, budgets=(1e18, 1e19, 1e20, 1e21), width: float = 1.0,

@@ -18,6 +18,17 @@ def budgets(items: list[str] | None) -> tuple[float, ...] | None:
                           "numbers such as 1e18,1e19") from None
 
 
+def compilation_cache() -> None:
+    """Keep the fit's XLA programs under lm's cache root (unless $JAX_COMPILATION_CACHE_DIR names
+    another), so a second analysis loads them instead of compiling again."""
+    import jax
+
+    from lm.files import cache_root
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -38,6 +49,7 @@ def main(argv: list[str]) -> None:
             raise ConfigError("--path is required: a sweep directory or a CSV/Parquet table, "
                               "e.g. --path=sweeps/tiny")
         start = time.perf_counter()
+        compilation_cache()
         fits = analysis.run(f.path, f.out, n=f.n, bootstrap=f.bootstrap, seed=f.seed,
                             budgets=budgets(f.budgets), tolerance=f.tolerance)
         out = Path(f.out) if f.out else (Path(f.path) if Path(f.path).is_dir() else Path(f.path).parent)

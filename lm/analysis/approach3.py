@@ -1,5 +1,5 @@
 """Approach 3: the parametric law L(N, D) = E + A/N^α + B/D^β fitted on log loss as Hoffmann et al.
-(2022) do, every start and resample in one compiled JAX L-BFGS computation (docs/analysis.md)."""
+(2022) do, every start and resample in one compiled, batched JAX BFGS computation (docs/analysis.md)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,18 @@ from lm.analysis.approach2 import group_budgets
 from lm.analysis.bootstrap import percentile_ci, resample_weights
 from lm.analysis.bootstrap import progress as show_progress
 from lm.analysis.load import fit_points
+from lm.config import ConfigError
 
 HUBER_DELTA = 1e-3
 NAMES = ("E", "A", "B", "alpha", "beta")
 N_PARAMS = 5
 MAX_ITER, GTOL, FTOL = 1000, 1e-10, 1e-15
-# Two phases keep the 4,500-start grid fast: every start takes SCREEN_ITER float32 L-BFGS steps,
+# Two phases keep the 4,500-start grid fast: every start takes SCREEN_ITER float32 BFGS steps,
 # then the POLISH best run to convergence in float64 (the best of those is the fit).
 SCREEN_ITER, POLISH = 6, 64
+# Backtracks of a line search before the lane stops (scipy's L-BFGS-B allows 20); a screen lane gets
+# fewer: the lanes advance in lockstep, so one lane at float32's floor would make every lane wait.
+BACKTRACKS, SCREEN_BACKTRACKS = 20, 10
 # Chinchilla's grid of initial values (4,500 starts), in the solver's order (a, b, e, α, β).
 GRID = {
     "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
@@ -41,10 +45,10 @@ def default_grid() -> np.ndarray:
     return np.array(list(itertools.product(*GRID.values())), dtype=np.float64)
 
 
-def huber(r: jax.Array, delta: float) -> jax.Array:
+def huber(r, delta: float, xp=jnp):
     """Huber loss: quadratic within ±delta, linear outside (as scipy.special.huber)."""
-    abs_r = jnp.abs(r)
-    return jnp.where(abs_r <= delta, 0.5 * r**2, delta * (abs_r - 0.5 * delta))
+    abs_r = xp.abs(r)
+    return xp.where(abs_r <= delta, 0.5 * r**2, delta * (abs_r - 0.5 * delta))
 
 
 def objective(theta: jax.Array, log_n: jax.Array, log_d: jax.Array, log_l: jax.Array,
@@ -55,50 +59,56 @@ def objective(theta: jax.Array, log_n: jax.Array, log_d: jax.Array, log_l: jax.A
     return jnp.sum(weights * huber(jax.nn.logsumexp(terms, axis=0) - log_l, delta))
 
 
-class _State(NamedTuple):
-    """Batched L-BFGS state: one row per lane (start × resample)."""
+def value_and_grad(x, log_n, log_d, log_l, weights, delta: float = HUBER_DELTA, xp=jnp):
+    """`objective` and its gradient for every row of x (L, 5), weights (L or 1, P), in one pass over the
+    points: by hand, the Huber slope clip(r, ±δ) times LSE's softmax (autodiff through vmap took twice
+    as long). `xp=np` is the same in numpy, for scipy."""
+    a, b, e, alpha, beta = (x[:, i, None] for i in range(N_PARAMS))
+    t_n, t_d = a - alpha * log_n, b - beta * log_d
+    m = xp.maximum(xp.maximum(t_n, t_d), e)
+    p_n, p_d, p_e = xp.exp(t_n - m), xp.exp(t_d - m), xp.exp(e - m)
+    total = p_n + p_d + p_e
+    r = m + xp.log(total) - log_l
+    slope = weights * xp.clip(r, -delta, delta) / total
+    g_n, g_d = slope * p_n, slope * p_d
+    grad = xp.stack([g_n.sum(-1), g_d.sum(-1), (slope * p_e).sum(-1), -g_n @ log_n, -g_d @ log_d], -1)
+    return xp.sum(weights * huber(r, delta, xp), -1), grad
 
-    x: jax.Array  # (S, 5) parameters
-    f: jax.Array  # (S,) objective
-    g: jax.Array  # (S, 5) gradient
-    s: jax.Array  # (S, m, 5) last m steps, newest last
-    y: jax.Array  # (S, m, 5) last m gradient changes
-    rho: jax.Array  # (S, m) 1 / (s·y), 0 for empty or skipped pairs
-    done: jax.Array  # (S,) converged or stalled
+
+class _State(NamedTuple):
+    """Batched BFGS state: one row per lane (start × resample)."""
+
+    x: jax.Array  # (L, 5) parameters
+    f: jax.Array  # (L,) objective
+    g: jax.Array  # (L, 5) gradient
+    h: jax.Array  # (L, 5, 5) inverse-Hessian estimate
+    done: jax.Array  # (L,) converged or stalled
     it: jax.Array  # () iterations taken
 
 
-def _direction(g: jax.Array, s: jax.Array, y: jax.Array, rho: jax.Array) -> jax.Array:
-    """L-BFGS two-loop recursion, batched over lanes; steepest descent scaled when no history."""
-    m = s.shape[1]
-    q, alphas = g, []
-    for i in reversed(range(m)):
-        a_i = rho[:, i] * jnp.sum(s[:, i] * q, axis=-1)
-        q = q - a_i[:, None] * y[:, i]
-        alphas.append(a_i)
-    sy, yy = jnp.sum(s[:, -1] * y[:, -1], -1), jnp.sum(y[:, -1] ** 2, -1)
-    g_norm = jnp.sqrt(jnp.sum(g**2, -1))
-    first = jnp.minimum(1.0, 1.0 / jnp.maximum(g_norm, 1e-300))
-    gamma = jnp.where(rho[:, -1] > 0, sy / jnp.where(yy > 0, yy, 1.0), first)
-    r = gamma[:, None] * q
-    for i, a_i in zip(range(m), reversed(alphas), strict=True):
-        b_i = rho[:, i] * jnp.sum(y[:, i] * r, axis=-1)
-        r = r + (a_i - b_i)[:, None] * s[:, i]
-    return -r
+def _bfgs_update(h: jax.Array, s: jax.Array, y: jax.Array, keep: jax.Array) -> jax.Array:
+    """The BFGS inverse update H ← (I − ρsyᵀ) H (I − ρysᵀ) + ρssᵀ, ρ = 1/sᵀy, where `keep`."""
+    sy = jnp.sum(s * y, -1)
+    rho = jnp.where(keep, 1.0 / jnp.where(keep, sy, 1.0), 0.0)[:, None, None]
+    eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+    left = eye - rho * s[:, :, None] * y[:, None, :]
+    new = left @ h @ jnp.swapaxes(left, 1, 2) + rho * s[:, :, None] * s[:, None, :]
+    return jnp.where(keep[:, None, None], new, h)
 
 
-def _lbfgs(value_and_grad, x0: jax.Array, max_iter: int, gtol: float, ftol: float,
-           memory: int = 10, max_backtracks: int = 40) -> _State:
-    """Minimise every lane of x0 (S, 5) at once, in lockstep: L-BFGS with Armijo backtracking. A lane stops
-    at |gradient| < gtol, a decrease ≤ ftol·max(|f|, 1) or a failed line search; all stop at max_iter."""
-    S, P = x0.shape
+def _bfgs(value_and_grad, x0: jax.Array, max_iter: int, gtol: float, ftol: float,
+          max_backtracks: int = BACKTRACKS) -> _State:
+    """Minimise every lane of x0 (L, 5) at once, in lockstep: BFGS (5 parameters: the dense 5 × 5
+    inverse Hessian is cheaper than L-BFGS's history) with Armijo backtracking. A lane stops at
+    |gradient| < gtol, a decrease ≤ ftol·max(|f|, 1) or a failed line search; all stop at max_iter."""
+    L, P = x0.shape
     f0, g0 = value_and_grad(x0)
-    zeros = jnp.zeros((S, memory, P), x0.dtype)
-    init = _State(x0, f0, g0, zeros, zeros, jnp.zeros((S, memory), x0.dtype),
-                  ~jnp.isfinite(f0), jnp.zeros((), jnp.int32))
+    scale = jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(g0, axis=-1), 1e-300))
+    h0 = scale[:, None, None] * jnp.eye(P, dtype=x0.dtype)  # first step: steepest descent, at most 1 long
+    init = _State(x0, f0, g0, h0, ~jnp.isfinite(f0), jnp.zeros((), jnp.int32))
 
     def step(st: _State) -> _State:
-        d = _direction(st.g, st.s, st.y, st.rho)
+        d = -jnp.einsum("lij,lj->li", st.h, st.g)
         slope = jnp.sum(st.g * d, -1)
         descent = slope < 0  # otherwise restart from steepest descent
         scale = jnp.minimum(1.0, 1.0 / jnp.linalg.norm(st.g, axis=-1))
@@ -117,48 +127,45 @@ def _lbfgs(value_and_grad, x0: jax.Array, max_iter: int, gtol: float, ftol: floa
             ok = ok | (jnp.isfinite(f_t) & (f_t <= st.f + 1e-4 * t * slope))
             return t, f_t, g_t, ok, k + 1
 
-        t0 = jnp.full((S,), 1.0, x0.dtype)
+        t0 = jnp.full((L,), 2.0, x0.dtype)  # halved before the first trial: t = 1
         t, f_t, g_t, ok, _ = jax.lax.while_loop(
             search_going, search, (t0, st.f, st.g, st.done, jnp.zeros((), jnp.int32)))
         move = ok & ~st.done
         x_new = jnp.where(move[:, None], st.x + t[:, None] * d, st.x)
         f_new, g_new = jnp.where(move, f_t, st.f), jnp.where(move[:, None], g_t, st.g)
         s_k, y_k = x_new - st.x, g_new - st.g
-        sy = jnp.sum(s_k * y_k, -1)
-        keep = move & (sy > 1e-12 * jnp.sum(y_k**2, -1))  # curvature condition, else skip the pair
-        roll = lambda h, new: jnp.where(keep.reshape((S,) + (1,) * (h.ndim - 1)),  # noqa: E731
-                                        jnp.concatenate([h[:, 1:], new[:, None]], axis=1), h)
+        sy, yy = jnp.sum(s_k * y_k, -1), jnp.sum(y_k**2, -1)
+        keep = move & (sy > 1e-12 * yy)  # curvature condition, else skip the update
+        first = (st.it == 0) | ~descent  # (re)start: scale H to the curvature seen (Nocedal & Wright 6.20)
+        gamma = jnp.where(keep & first, sy / jnp.where(yy > 0, yy, 1.0), 1.0)
+        h = jnp.where((keep & first)[:, None, None], gamma[:, None, None] * jnp.eye(P, dtype=x0.dtype), st.h)
         small_step = st.f - f_new <= ftol * jnp.maximum(jnp.abs(st.f), 1.0)
         converged = (jnp.max(jnp.abs(g_new), -1) < gtol) | small_step
-        return _State(x_new, f_new, g_new, roll(st.s, s_k), roll(st.y, y_k),
-                      roll(st.rho, jnp.where(keep, 1.0 / jnp.where(keep, sy, 1.0), 0.0)),
+        return _State(x_new, f_new, g_new, _bfgs_update(h, s_k, y_k, keep),
                       st.done | ~ok | converged, st.it + 1)
 
     return jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.it < max_iter), step, init)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "gtol", "ftol", "delta"))
-def _solve(starts: jax.Array, log_n: jax.Array, log_d: jax.Array, log_l: jax.Array, weights: jax.Array,
-           max_iter: int, gtol: float, ftol: float, delta: float) -> tuple[jax.Array, jax.Array]:
-    """Minimise from every start for every weight vector: starts (R, S, 5), weights (R, P)."""
-    R, S, _ = starts.shape
-    lane_w = jnp.repeat(weights, S, axis=0)  # (R·S, P)
-
-    def one(theta, w):
-        return jax.value_and_grad(objective)(theta, log_n, log_d, log_l, w, delta)
-
-    value_and_grad = lambda x: jax.vmap(one)(x, lane_w)  # noqa: E731
-    st = _lbfgs(value_and_grad, starts.reshape(R * S, -1), max_iter, gtol, ftol)
-    return st.x.reshape(R, S, -1), st.f.reshape(R, S)
+@functools.partial(jax.jit, static_argnames=("max_iter", "gtol", "ftol", "delta", "backtracks"))
+def _solve(x0: jax.Array, log_n: jax.Array, log_d: jax.Array, log_l: jax.Array, weights: jax.Array,
+           max_iter: int, gtol: float, ftol: float, delta: float, backtracks: int,
+           ) -> tuple[jax.Array, jax.Array]:
+    """Minimise every lane of x0 (L, 5) under its row of weights (L or 1, P)."""
+    st = _bfgs(lambda x: value_and_grad(x, log_n, log_d, log_l, weights, delta), x0, max_iter, gtol, ftol,
+               backtracks)
+    return st.x, st.f
 
 
-def solve(starts: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-          weights: np.ndarray, max_iter: int = MAX_ITER, gtol: float = GTOL, ftol: float = FTOL,
-          delta: float = HUBER_DELTA, dtype: str = "float64") -> tuple[np.ndarray, np.ndarray, float]:
-    """Compile (cached per shape), then run: returns (theta (R,S,5), objective (R,S), run seconds)."""
+def solve(x0: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, weights: np.ndarray,
+          max_iter: int = MAX_ITER, gtol: float = GTOL, ftol: float = FTOL, delta: float = HUBER_DELTA,
+          dtype: str = "float64", backtracks: int = BACKTRACKS) -> tuple[np.ndarray, np.ndarray, float]:
+    """Compile (cached per shape), then minimise from every row of x0 (L, 5) under its row of weights
+    (L or 1, P): returns (theta (L, 5), objective (L,), run seconds)."""
     with jax.enable_x64(True):
-        args = [jnp.asarray(x, dtype) for x in (starts, log_n, log_d, log_l, weights)]
-        compiled = _compiled(tuple((a.shape, str(a.dtype)) for a in args), max_iter, gtol, ftol, delta)
+        args = [jnp.asarray(x, dtype) for x in (x0, log_n, log_d, log_l, np.atleast_2d(weights))]
+        compiled = _compiled(tuple((a.shape, str(a.dtype)) for a in args), max_iter, gtol, ftol, delta,
+                             backtracks)
         t0 = time.perf_counter()
         theta, value = compiled(*args)
         theta, value = np.asarray(theta), np.asarray(value)
@@ -166,10 +173,11 @@ def solve(starts: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.nd
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(shapes: tuple, max_iter: int, gtol: float, ftol: float, delta: float):
+def _compiled(shapes: tuple, max_iter: int, gtol: float, ftol: float, delta: float, backtracks: int):
     """Ahead-of-time compilation per input shape, so `solve` can time the run alone."""
     args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
-    return _solve.lower(*args, max_iter=max_iter, gtol=gtol, ftol=ftol, delta=delta).compile()
+    return _solve.lower(*args, max_iter=max_iter, gtol=gtol, ftol=ftol, delta=delta,
+                        backtracks=backtracks).compile()
 
 
 def unpack(theta: np.ndarray) -> dict[str, np.ndarray]:
@@ -216,25 +224,28 @@ def _data(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap: int = 0, seed: int = 0,
                   budgets: tuple[float, ...] = (), max_iter: int = MAX_ITER, gtol: float = GTOL,
-                  ftol: float = FTOL, delta: float = HUBER_DELTA, bootstrap_starts: int = 3,
-                  chunk: int = 250, progress: bool = False, screen_iter: int = SCREEN_ITER,
-                  polish: int = POLISH) -> dict:
+                  ftol: float = FTOL, delta: float = HUBER_DELTA, bootstrap_starts: int = 1,
+                  progress: bool = False, screen_iter: int = SCREEN_ITER) -> dict:
     """Fit L(N, D) from every start (default: the 4,500-start grid) and keep the best; `bootstrap`
     resamples add intervals (`ci`) and `samples`, and `budgets` closed-form predictions."""
+    if not (isinstance(bootstrap_starts, int) and 1 <= bootstrap_starts <= POLISH):
+        raise ConfigError(f"bootstrap_starts = {bootstrap_starts!r} is not allowed: must be an integer in "
+                          f"1..{POLISH} (the polished solutions each resample is refitted from)")
     log_n, log_d, log_l, labels = _data(df)
     starts = default_grid() if starts is None else np.atleast_2d(np.asarray(starts, dtype=np.float64))
     n_starts = len(starts)
     opts = {"max_iter": max_iter, "gtol": gtol, "ftol": ftol, "delta": delta}
-    ones = np.ones((1, len(log_n)))
     seconds = 0.0
-    if len(starts) > polish:  # screen every start briefly, keep the most promising
-        theta, value, seconds = solve(starts[None], log_n, log_d, log_l, ones, max_iter=screen_iter,
-                                      gtol=gtol, ftol=ftol, delta=delta, dtype="float32")
-        value = np.where(np.isfinite(value[0]), value[0], np.inf)
-        starts = theta[0][np.argsort(value)[:polish]].astype(np.float64)
-    theta, value, polish_seconds = solve(starts[None], log_n, log_d, log_l, ones, **opts)
+    if len(starts) > POLISH:  # screen every start briefly, keep the most promising
+        theta, value, seconds = solve(starts, log_n, log_d, log_l, np.ones((1, len(log_n))),
+                                      max_iter=screen_iter, gtol=gtol, ftol=ftol, delta=delta,
+                                      dtype="float32", backtracks=SCREEN_BACKTRACKS)
+        starts = theta[np.argsort(np.where(np.isfinite(value), value, np.inf))[:POLISH]].astype(np.float64)
+    lanes = np.resize(starts, (max(POLISH, len(starts)), N_PARAMS))  # the bootstrap's program: POLISH lanes
+    theta, value, polish_seconds = solve(lanes, log_n, log_d, log_l, np.ones((len(lanes), len(log_n))),
+                                         **opts)
     seconds += polish_seconds
-    theta, value = theta[0], admissible(theta[0], value[0])
+    value = admissible(theta, value)
     if not np.isfinite(value).any():
         raise ValueError(f"approach 3: every fit from the {n_starts} starts is degenerate (alpha or beta "
                          f"<= 0, or A, B, E overflow): these {len(log_n)} points do not pin down "
@@ -247,8 +258,8 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
         weights = resample_weights(len(log_n), bootstrap, seed)
-        samples = bootstrap_samples(theta[order[:bootstrap_starts]], log_n, log_d, log_l, weights, chunk,
-                                    progress, **opts)
+        samples = bootstrap_samples(theta[order[:bootstrap_starts]], log_n, log_d, log_l, weights, progress,
+                                    **opts)
         fit.update(samples=samples, ci=percentile_ci(samples), bootstrap=bootstrap, seed=seed)
         for p in fit["predictions"]:
             n_opt, d_opt = closed_form_optimum(samples, p["C"])
@@ -278,19 +289,22 @@ def prediction(fit: dict, C: float) -> dict:
 
 
 def bootstrap_samples(warm: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-                      weights: np.ndarray, chunk: int, progress: bool, **opts) -> dict[str, np.ndarray]:
-    """Refit once per row of `weights` from the `warm` starts, vmapped in fixed-size chunks."""
+                      weights: np.ndarray, progress: bool, **opts) -> dict[str, np.ndarray]:
+    """Refit once per row of `weights` from each of the `warm` starts (k, 5), POLISH lanes at a time (the
+    polish's compiled program; small blocks stay in cache), keeping each resample's best admissible fit."""
     n, P = weights.shape
-    chunk = min(chunk, n)
+    k = len(warm)
+    chunk = max(POLISH // k, 1)
     out = []
     for i in range(0, n, chunk):
         w = weights[i:i + chunk]
-        pad = chunk - len(w)  # pad the last chunk so every chunk reuses one compilation
+        pad = chunk - len(w)  # pad the last block so every block reuses one compilation
         w = np.concatenate([w, np.ones((pad, P))]) if pad else w
-        starts = np.broadcast_to(warm, (chunk, *warm.shape))
-        theta, value, _ = solve(starts, log_n, log_d, log_l, w, **opts)
-        value = admissible(theta, value)
+        theta, value, _ = solve(np.tile(warm, (chunk, 1)), log_n, log_d, log_l, np.repeat(w, k, axis=0),
+                                **opts)
+        theta, value = theta.reshape(chunk, k, -1), admissible(theta, value).reshape(chunk, k)
         out.append(theta[np.arange(chunk), np.argmin(value, axis=1)][:chunk - pad])
-        if progress:
-            show_progress(min(i + chunk, n), n, "bootstrap approach 3")
+        done = min(i + chunk, n)
+        if progress and (4 * done // n > 4 * i // n):  # at each quarter
+            show_progress(done, n, "bootstrap approach 3")
     return unpack(np.concatenate(out))
