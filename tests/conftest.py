@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,6 +17,33 @@ from lm.kernels import configure_host
 
 configure_host()  # as every entry point does on CPU: the step's temporaries stay mapped
 ROOT = Path(__file__).resolve().parents[1]
+CACHE = "JAX_COMPILATION_CACHE_DIR"
+CACHE_KEY = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One persistent XLA compilation cache per session, for this process and (through the
+    environment) the workers and every process the tests start: each program compiles once,
+    not once per process that runs it (a resumed or rerun run, a second worker's fixture)."""
+    import jax
+
+    if CACHE not in os.environ:
+        os.environ[CACHE] = config.stash[CACHE_KEY] = tempfile.mkdtemp(prefix="lm-test-xla-")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny models compile fast
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if CACHE_KEY in config.stash:
+        shutil.rmtree(config.stash[CACHE_KEY], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow first (stable: otherwise in collection order), so on two workers the
+    longest ones start at once instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def run_python(code: str, devices: int = 1, timeout: float = 300, cwd: Path = ROOT,

@@ -3,6 +3,7 @@ test_slurm.py)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,40 +92,35 @@ def _config_flags(c) -> list[str]:
             "--config.analysis.bootstrap=20"]
 
 
-@pytest.fixture(scope="module")
-def reference_sweep(tmp_path_factory, data_dir):
-    """An uninterrupted micro sweep run through the CLI."""
-    c = micro_sweep(data_dir)
-    sweep_dir = tmp_path_factory.mktemp("sweep")
-    proc = _isoflop(sweep_dir, *_config_flags(c))
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out
-    return c, sweep_dir, out
-
-
 def _eval_losses(sweep_dir):
     return {p.parent.name: json.loads(p.read_text())["eval_loss"]
             for p in sweep_dir.glob("runs/*/result.json")}
 
 
-def test_micro_sweep_end_to_end(reference_sweep):
-    c, sweep_dir, out = reference_sweep
-    results = [json.loads(p.read_text()) for p in sweep_dir.glob("runs/*/result.json")]
+@pytest.mark.slow
+def test_micro_sweep_end_to_end_killed_and_finished_by_two_runners(data_dir, tmp_path):
+    """An uninterrupted micro sweep through the CLI, fitted and reported. The same sweep killed
+    after two runs, then two runners at once: each missing run is trained by one of them (the
+    interrupted one resumed from its checkpoint), no finished one again, both exit 0, and the
+    results are those of the uninterrupted sweep."""
+    c = micro_sweep(data_dir)
+    ref_dir = tmp_path / "reference"
+    proc = _isoflop(ref_dir, *_config_flags(c))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    results = [json.loads(p.read_text()) for p in ref_dir.glob("runs/*/result.json")]
     assert len(results) == 6 and all(r["status"] == "completed" for r in results)
-    fits = json.loads((sweep_dir / "fits.json").read_text())
+    fits = json.loads((ref_dir / "fits.json").read_text())
     assert fits["approach2"]["budgets_used"] == list(c.budgets) and "alpha" in fits["approach3"]
     # 3 sizes per budget cannot support a bootstrap interval: said, not printed as [nan, nan]
     assert "ci_skipped" in fits["approach2"] and "no bootstrap interval" in out and "nan" not in out
     for warning in fits["approach3"]["warnings"]:  # 6 points rarely pin down 5 parameters
         assert f"unreliable: {warning}" in out
-    assert (sweep_dir / "report.md").exists()
+    assert (ref_dir / "report.md").exists()
     assert "sweep: 6/6 done" in out and "report:" in out and "next budget" in out
-    plan_file = json.loads((sweep_dir / "plan.json").read_text())
+    plan_file = json.loads((ref_dir / "plan.json").read_text())
     assert [r["name"] for r in plan_file["runs"]] == [r.name for r in plan(c)]
 
-
-def test_killed_sweep_finishes_only_what_was_missing(reference_sweep, tmp_path):
-    c, ref_dir, _ = reference_sweep
     sweep_dir = tmp_path / "sweep"
     proc = _isoflop(sweep_dir, *_config_flags(c), "--analyse=false")
     deadline = time.time() + 300
@@ -134,24 +130,14 @@ def test_killed_sweep_finishes_only_what_was_missing(reference_sweep, tmp_path):
     proc.kill()
     proc.wait()
     finished = {p.parent.name for p in sweep_dir.glob("runs/*/result.json")}
-    proc = _isoflop(sweep_dir, *_config_flags(c), "--analyse=false")
-    out = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, out
-    assert f"{len(finished)} already done" in out
-    for name in finished:
-        assert f"{name}: completed" not in out
-    assert _eval_losses(sweep_dir) == _eval_losses(ref_dir)
-
-
-def test_two_runners_train_each_run_once(reference_sweep, tmp_path):
-    c, ref_dir, _ = reference_sweep
-    sweep_dir = tmp_path / "sweep"
     procs = [_isoflop(sweep_dir, *_config_flags(c), "--analyse=false") for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
+    for out in outs:  # the other runner may have finished one more before this one planned
+        assert int(re.search(r"(\d+) already done", out)[1]) >= len(finished), out
     for r in plan(c):
         trained = sum(out.count(f"{r.name}: completed") for out in outs)
-        assert trained == 1, (r.name, outs)
+        assert trained == (r.name not in finished), (r.name, outs)
     assert _eval_losses(sweep_dir) == _eval_losses(ref_dir)
 
 

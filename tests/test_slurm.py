@@ -68,6 +68,7 @@ def _wait_for(predicate, proc, timeout=240):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_run_on_two_nodes_with_two_tasks_each(tmp_path, data_dir):
     """Four processes × 2 devices train each run together: 8 devices, the losses of one process
     on 8 devices; the job carries the cluster settings and runs the setup lines first."""
@@ -82,7 +83,9 @@ def test_run_on_two_nodes_with_two_tasks_each(tmp_path, data_dir):
     assert "submitted 1 job(s)" in out
     (name, result), = _results(sweep).items()
     assert result["status"] == "completed" and result["devices"] == 8
-    assert result["eval_loss"] == pytest.approx(_results(tmp_path / "one")[name]["eval_loss"], rel=1e-5)
+    # Float32 sums in another order (gloo's all-reduce across 4 processes against one process's
+    # 8-device reduction): 3e-5 apart on some hosts.
+    assert result["eval_loss"] == pytest.approx(_results(tmp_path / "one")[name]["eval_loss"], rel=2e-4)
     script = next((tmp_path / "scheduler" / "scripts").glob("*.sh")).read_text()
     for line in ("--nodes=2", "--ntasks-per-node=2", "--job-name=tiny", "--account=lab", "--qos=high",
                  "--mem=4G", "--constraint=cpu", "--comment=isoflop"):
@@ -92,6 +95,7 @@ def test_run_on_two_nodes_with_two_tasks_each(tmp_path, data_dir):
     assert launch.read_status(sweep)[name]["state"] == "completed"
 
 
+@pytest.mark.slow
 def test_time_limit_requeue_dead_job_and_rerun(tmp_path, data_dir):
     """USR2 (the time limit) mid-run: saved, requeued, resumed, the uninterrupted result. A job
     killed without a result: the submitter goes on, records why, exits 1; the rerun trains it only."""

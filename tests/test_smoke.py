@@ -25,6 +25,7 @@ def run_smoke(tmp_path, data_dir, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_quick_runs_every_stage_on_cpu(tmp_path, data_dir):
     out = tmp_path / "smoke.json"
     t = time.perf_counter()

@@ -165,30 +165,36 @@ def _wait_for(predicate, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_exact_resume(config, reference, tmp_path, how):
+@pytest.mark.slow
+def test_exact_resume_after_sigterm_then_sigkill(config, reference, tmp_path):
+    """SIGTERM (preempted: a checkpoint at that step, exit 75), the run resumed, SIGKILL once it
+    has saved again (no goodbye), the run resumed: losses, TensorBoard and final parameters are
+    those of the uninterrupted run."""
     ref_dir, _ = reference
     workdir = tmp_path / "run"
     proc = _spawn(config, workdir)
-    if how == "sigterm":
-        _wait_for(lambda: (workdir / "metrics.jsonl").exists()
-                  and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 2, proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 75, proc.stdout.read()
-        assert json.loads((workdir / "result.json").read_text())["status"] == "preempted"
-    else:
-        _wait_for(lambda: (workdir / "checkpoints" / "50").is_dir(), proc)
-        proc.kill()
-        proc.wait()
+    _wait_for(lambda: (workdir / "metrics.jsonl").exists()
+              and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 75, proc.stdout.read()
+    assert json.loads((workdir / "result.json").read_text())["status"] == "preempted"
     stopped_at = Checkpointer(workdir / "checkpoints", read_only=True).latest_step()
     assert stopped_at is not None and stopped_at < STEPS
     proc = _spawn(config, workdir)
+    _wait_for(lambda: any(p.name.isdigit() and int(p.name) > stopped_at
+                          for p in (workdir / "checkpoints").iterdir()), proc)
+    proc.kill()
+    out = proc.communicate()[0]
+    assert f"resumed from step {stopped_at}" in out, out
+    killed_at = Checkpointer(workdir / "checkpoints", read_only=True).latest_step()
+    assert stopped_at < killed_at < STEPS
+    proc = _spawn(config, workdir)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out
-    assert f"resumed from step {stopped_at}" in out
+    assert f"resumed from step {killed_at}" in out
     assert losses(workdir) == losses(ref_dir)
-    # TensorBoard: the events up to the checkpoint were flushed before the stop, the resumed
-    # run's purge hides what the first one wrote past it: every step once.
+    # TensorBoard: the events up to each checkpoint were flushed before the stop, each resumed
+    # run's purge hides what the one before wrote past it: every step once.
     scalars, ref_scalars = tb_scalars(workdir / "tensorboard"), tb_scalars(ref_dir / "tensorboard")
     for tag in ("loss", "eval_loss", "tokens", "lr"):
         assert [s for s, _ in scalars[tag]] == [s for s, _ in ref_scalars[tag]], tag
