@@ -63,6 +63,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.batch_size = 16  # global, all processes
     c.data.seed = 0
     c.data.eval_batches = 8
+    c.data.prepare = False  # True: tokenize a partly prepared token cache here instead of refusing
 
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 3e-3

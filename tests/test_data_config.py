@@ -38,8 +38,10 @@ def test_expected_vocab_size_needs_no_build(config):
     ("dataset", "", r"data.dataset = '' .*stdlib"),
     ("text_dir", "/some/dir", r"data.text_dir = '/some/dir' .*only read when data.dataset = 'folder'"),
     ("text_key", "", r"data.text_key = ''"),
+    ("prepare", "yes", r"data.prepare = 'yes' .*must be True \(training tokenizes a partly prepared"),
 ])
 def test_bad_data_fields(config, field, value, message):
+    del config.data[field]  # untyped, as a config.json read back would be
     config.data[field] = value
     with pytest.raises(ConfigError, match=message):
         validate_data_config(config, n_devices=1)

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import lm.data.dataset as dataset_lib
 from lm.config import ConfigError
-from lm.data import DataError, build_dataset, to_global
+from lm.data import DataError, build_dataset, shards, to_global
 from lm.data.sources import unit_hash
 
 from .conftest import ROOT, data_config, run_python
@@ -32,8 +31,8 @@ def test_batch_shape_and_cache(stdlib, data_dir, capsys):
     again = build_dataset(data_config(data_dir))  # reads the cache: no tokenizing
     assert "tokenizing" not in capsys.readouterr().out
     assert np.array_equal(again.train_batch(0), batch)
-    cache = data_dir / "lm_cache" / stdlib.info["dataset"] / "bytes"
-    assert np.load(cache / "train.npy", mmap_mode="r").dtype == np.uint16
+    manifest = shards.read_manifest(data_dir / "lm_cache" / stdlib.info["dataset"] / "bytes" / "train")
+    assert manifest["dtype"] == "uint16" and manifest["tokens"] == stdlib.info["train"]["tokens"]
 
 
 def test_batches_are_a_function_of_seed_and_step(stdlib, data_dir):
@@ -51,8 +50,9 @@ def test_batches_are_a_function_of_seed_and_step(stdlib, data_dir):
 def test_windows_overlap_by_one_token(data_dir):
     c = data_config(data_dir, eval_batches=1)
     ds = build_dataset(c)
-    tokens = np.load(data_dir / "lm_cache" / ds.info["dataset"] / "bytes" / "validation.npy")
-    windows = {tuple(tokens[i * 32:i * 32 + 33]) for i in range(ds.info["eval"]["windows"])}
+    directory = data_dir / "lm_cache" / ds.info["dataset"] / "bytes" / "validation"
+    tokens = shards.open_stream(directory, shards.read_manifest(directory))
+    windows = {tuple(row) for row in tokens.windows(np.arange(ds.info["eval"]["windows"]) * 32, 33)}
     rows = next(ds.eval_batches())
     assert all(tuple(row) in windows for row in rows)
 
@@ -171,8 +171,11 @@ def test_a_full_disk_is_one_data_error_naming_the_cache(tmp_path, monkeypatch):
     def full(path, chunks, dtype):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(dataset_lib, "write_array_atomic", full)
+    monkeypatch.setattr(shards, "write_array_atomic", full)
     with pytest.raises(DataError) as e:
         build_dataset(data_config(tmp_path))
     message = str(e.value)
-    assert "/train.npy: No space left on device (writing the token cache of lm_stdlib/" in message, message
+    assert "/bytes/train/00000-of-00001.npy: No space left on device (writing the token cache of lm_stdlib/" \
+        in message, message
+    monkeypatch.undo()  # space freed: no shard was finished, so the next start tokenizes afresh
+    assert build_dataset(data_config(tmp_path)).info["train"]["shards"] == 1

@@ -102,3 +102,16 @@ def test_tokenizer_path_reuses_a_trained_model_on_other_text(sp_config, tmp_path
     c.data.update(tokenizer="sentencepiece", tokenizer_path=str(tmp_path / "missing.model"))
     with pytest.raises(ConfigError, match=r"must be an existing SentencePiece .model file"):
         validate_data_config(c, n_devices=1)
+
+
+def test_sentencepiece_samples_the_whole_split(sp_config):
+    """Its training text comes from all over the train split, not from its first documents."""
+    from lm.data.sources import open_corpus
+
+    corpus = open_corpus(sp_config)
+    source = corpus.source("train")
+    texts = corpus.texts(source, range(len(source)))
+    sample = list(corpus.sample(sum(map(len, texts)) // 4))
+    positions = sorted(texts.index(text.encode()) for text in sample)
+    assert len(positions) < len(texts) // 2 and positions[-1] - positions[0] > len(texts) // 2
+    assert positions != list(range(len(positions)))

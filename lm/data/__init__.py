@@ -1,7 +1,7 @@
 """The input pipeline: datasets (embedded corpus, a folder of text, tfds), tokenizers, token
 caches and deterministic, process-sharded batches. See docs/data.md."""
 
-from lm.data.dataset import Dataset, build_dataset, get_tokenizer, run_tokenizer, to_global
+from lm.data.dataset import Dataset, build_dataset, get_tokenizer, run_tokenizer, split_tokens, to_global
 from lm.data.settings import DataError, expected_vocab_size, validate_data_config
 from lm.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
@@ -15,6 +15,7 @@ __all__ = [
     "expected_vocab_size",
     "get_tokenizer",
     "run_tokenizer",
+    "split_tokens",
     "to_global",
     "validate_data_config",
 ]

@@ -62,10 +62,12 @@ def _validate_source(d: ml_collections.ConfigDict) -> None:
              f"is only read when data.dataset = 'folder' (it is {d.dataset!r}); set one or clear the other")
     if not d.text_key:
         fail("data.text_key", d.text_key, "must name the feature (or JSON field) holding the text")
+    if not isinstance(d.get("prepare", False), bool):
+        fail("data.prepare", d.prepare, "must be True (training tokenizes a partly prepared token cache) "
+             "or False")
 
 
-def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
-    d = config.data
+def _validate_tokenizer(d: ml_collections.ConfigDict) -> None:
     vocab = expected_vocab_size(d)
     if d.get("tokenizer_path"):
         if d.tokenizer != "sentencepiece":
@@ -76,18 +78,26 @@ def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
     if d.tokenizer == "sentencepiece" and vocab < MIN_SP_VOCAB_SIZE:
         fail("data.sp_vocab_size", vocab,
              f"must be at least {MIN_SP_VOCAB_SIZE} (256 byte pieces, <unk>, </s> and the characters)")
-    if config.model.vocab_size != vocab:
-        fail("model.vocab_size", config.model.vocab_size,
-             f"data.tokenizer = {d.tokenizer!r} has {vocab} ids; set model.vocab_size = {vocab}")
+
+
+def validate_source_config(d: ml_collections.ConfigDict) -> None:
+    """Reject a bad dataset or tokenizer in `config.data` (what `python -m lm.data.prepare` reads),
+    without building anything."""
+    _validate_source(d)
+    positive(d, "data", ("sp_vocab_size",))
+    _validate_tokenizer(d)
 
 
 def validate_data_config(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
     """Reject a bad `config.data` (ConfigError naming the field) without building anything; whether
     a named dataset exists and is prepared is checked when it is built."""
     d = config.data
-    _validate_source(d)
-    positive(d, "data", ("seq_len", "batch_size", "eval_batches", "sp_vocab_size"))
-    _validate_tokenizer(config)
+    positive(d, "data", ("seq_len", "batch_size", "eval_batches"))
+    validate_source_config(d)
+    vocab = expected_vocab_size(d)
+    if config.model.vocab_size != vocab:
+        fail("model.vocab_size", config.model.vocab_size,
+             f"data.tokenizer = {d.tokenizer!r} has {vocab} ids; set model.vocab_size = {vocab}")
     n_devices = jax.device_count() if n_devices is None else n_devices
     dp = data_parallel_size(config.mesh.shape, n_devices)
     if d.batch_size % dp:

@@ -262,13 +262,18 @@ class Corpus:
     def source(self, split: str) -> Sequence:
         return self.builder.as_data_source(split=split)
 
+    def split_bytes(self, split: str) -> int:
+        """The size of the split's stored records (its text, and a little more)."""
+        return int(self.builder.info.splits[split].num_bytes)
+
     def texts(self, source: Sequence, indices: Sequence[int]) -> list[bytes]:
         """The UTF-8 text of the given records."""
         values = [record[self.text_key] for record in source.__getitems__(list(indices))]
         return [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]
 
     def sample(self, max_bytes: int) -> Iterator[str]:
-        """Train documents in a fixed pseudo-random order until about `max_bytes` of text."""
+        """Train documents in a fixed pseudo-random order over the whole split (not its first
+        files) until about `max_bytes` of text."""
         source = self.source(TRAIN)
         order = grain.MapDataset.range(len(source)).shuffle(seed=0).batch(256)
         total = 0
@@ -342,11 +347,14 @@ def _prepare_hint(name: str, root: Path) -> str:
             f"{FOLDER!r} need no preparation)")
 
 
-def _registered(name: str, root: Path) -> tfds.core.DatasetBuilder:
-    """A tfds dataset already prepared under `root`, loaded from its files (no builder code)."""
+def _registered(name: str, root: Path, required: bool = True) -> tfds.core.DatasetBuilder | None:
+    """A tfds dataset already prepared under `root`, loaded from its files (no builder code);
+    None when it is not prepared and not `required`."""
     try:
         builder = read_only_builder.builder_from_files(name, data_dir=str(root))
     except registered.DatasetNotFoundError:
+        if not required:
+            return None
         raise DataError(f"config.data.dataset = {name!r} is not prepared in {root}: "
                         f"{_prepare_hint(name, root)}") from None
     except ValueError as e:
@@ -360,15 +368,19 @@ def _registered(name: str, root: Path) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
-    """The dataset `data_cfg` names, prepared; DataError if it is missing or unusable."""
+def _corpus(data_cfg: ml_collections.ConfigDict, build: bool) -> Corpus | None:
+    """The dataset `data_cfg` names, built first when it is a local corpus and `build`; None when
+    it is not prepared (and not built); DataError if it is missing or unusable."""
     root = data_root(data_cfg)
-    if data_cfg.dataset == EMBEDDED:
-        builder = _prepared(lambda: stdlib_builder(root), root)
-    elif data_cfg.dataset == FOLDER:
-        builder = _prepared(lambda: text_folder_builder(data_cfg.text_dir, data_cfg.text_key, root), root)
+    if data_cfg.dataset in (EMBEDDED, FOLDER):
+        make = ((lambda: stdlib_builder(root)) if data_cfg.dataset == EMBEDDED else
+                (lambda: text_folder_builder(data_cfg.text_dir, data_cfg.text_key, root)))
+        builder, ready = (_prepared(make, root), True) if build else _open(make)
     else:
-        builder = _registered(data_cfg.dataset, root)
+        builder = _registered(data_cfg.dataset, root, required=build)
+        ready = builder is not None
+    if not ready:
+        return None
     info = builder.info
     held_out = [s for s in EVAL_SPLITS if s in info.splits]
     if TRAIN not in info.splits or not held_out:
@@ -379,3 +391,14 @@ def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
         raise DataError(f"config.data.text_key = {text_key!r} is not a feature of "
                         f"{info.full_name}; its features are {sorted(info.features)}")
     return Corpus(builder, text_key, held_out[0], root / CACHE_DIR / info.full_name)
+
+
+def open_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus:
+    """The dataset `data_cfg` names, prepared (a local corpus is built on first use); DataError if
+    it is missing or unusable."""
+    return _corpus(data_cfg, build=True)
+
+
+def prepared_corpus(data_cfg: ml_collections.ConfigDict) -> Corpus | None:
+    """The dataset `data_cfg` names if it is prepared, else None; nothing is built or written."""
+    return _corpus(data_cfg, build=False)

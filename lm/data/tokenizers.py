@@ -80,10 +80,13 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-    """A trained SentencePiece model: identity normalization and byte fallback, so text round-trips."""
+    """A trained SentencePiece model: identity normalization and byte fallback, so text round-trips.
 
-    def __init__(self, model_path: Path) -> None:
-        self.path = Path(model_path)
+    `encode_batch` uses `threads` threads (default: one per CPU; a one-CPU worker process, 1).
+    """
+
+    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+        self.path, self.threads = Path(model_path), threads or os.cpu_count() or 1
         proto = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self._sp.vocab_size()
@@ -94,7 +97,7 @@ class SentencePieceTokenizer:
         return np.asarray(self._sp.encode(text), dtype=np.int32)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        ids = self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+        ids = self._sp.encode(list(texts), num_threads=self.threads)
         return [np.asarray(x, dtype=np.int32) for x in ids]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
