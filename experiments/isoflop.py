@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_collections
 
 from experiments import launch
-from experiments.plan import Run, format_plan, plan, trained_flops
+from experiments.plan import Run, format_plan, plan, repeats, trained_flops
 from lm.config import ConfigError
 from lm.files import read_json, run_dir, write_json_atomic
 from lm.metrics import format_duration
@@ -69,6 +69,21 @@ class Progress:
         if line != self.last:  # the runner and the final summary may both report the same state
             print(line, flush=True)
             self.last = line
+
+
+def data_warnings(sweep: ml_collections.ConfigDict, runs: list[Run]) -> list[str]:
+    """What the plan asks of the train split: a warning per run that repeats it, a ConfigError past
+    config.max_epochs, or a line saying the split's size is not known here yet."""
+    from lm.data import split_tokens
+
+    d = sweep.train.data
+    name = d.dataset if d.dataset != "folder" else d.text_dir
+    tokens = sweep.data_tokens or split_tokens(d)
+    if not tokens:
+        return [f"data: {name}'s train split is not prepared here, so whether runs repeat it is not "
+                "checked (python -m lm.data.prepare --config=... prepares it; --config.data_tokens=N "
+                "gives its size)"]
+    return repeats(runs, tokens, sweep.max_epochs, name)
 
 
 MEASURE_LIMIT_S = 60.0  # the longest a dry run's measurement may take, at the device's peak
@@ -134,6 +149,8 @@ def main(argv: list[str]) -> None:
         try:
             launch.validate_slurm(sweep.slurm)
             runs = plan(sweep, sweep_dir)
+            for line in data_warnings(sweep, runs):
+                print(line, flush=True)
             if f.preflight:
                 from lm.bench import preflight
 

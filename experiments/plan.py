@@ -116,6 +116,10 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "runner": (lambda v: v in RUNNERS, f"must be one of {', '.join(RUNNERS)}"),
     "workers": (lambda v: _integer(v) and v > 0, "must be a positive integer (parallel runs of the "
                 "subprocess runner)"),
+    "max_epochs": (lambda v: _real(v) and v >= 1, "must be >= 1: the most passes over the train split "
+                   "a run may make"),
+    "data_tokens": (lambda v: _integer(v) and v >= 0, "must be an integer >= 0: the train split's tokens "
+                    "where its cache is not prepared here (0: read its manifest)"),
     "analysis.n": (lambda v: v in ("total", "non_embedding"), "must be 'total' or 'non_embedding'"),
     "analysis.bootstrap": (lambda v: _integer(v) and v >= 0, "must be an integer >= 0 (0: no intervals)"),
     "grid.shapes": (lambda v: isinstance(v, str), "must be a string of d_modelxn_layers sizes like "
@@ -346,6 +350,21 @@ def wsd_branches(runs: list[Run], sweep: ml_collections.ConfigDict) -> list[Run]
         trunk.config.train.save_steps = tuple(sorted(set(branch_steps)))
         out[trunk.name] = trunk
     return [out[r.name] for r in runs]
+
+
+def repeats(runs: list[Run], train_tokens: int, max_epochs: float, dataset: str) -> list[str]:
+    """One warning per run that would see its train split more than once; a ConfigError naming
+    the runs past `max_epochs` (repeated data is worth less than fresh: Muennighoff et al. 2023)."""
+    over = [(r.name, r.tokens / train_tokens) for r in runs if r.tokens > train_tokens]
+    past = [f"{name} ({e:.1f})" for name, e in over if e > max_epochs]
+    if past:
+        raise ConfigError(
+            f"{len(past)} run(s) would make more than max_epochs = {max_epochs:g} passes over "
+            f"{dataset}'s {train_tokens:,} train tokens: {', '.join(past[:6])}"
+            f"{' ...' if len(past) > 6 else ''}; use a larger dataset or smaller budgets, or raise "
+            "config.max_epochs")
+    return [f"warning: {name} repeats its data: {e:.2f} epochs of {dataset}'s {train_tokens:,} "
+            "train tokens" for name, e in over]
 
 
 def trained_flops(r: Run) -> float:

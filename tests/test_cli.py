@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+GPU = Path(__file__).parents[1] / "configs/isoflop/gpu.py"
+
 
 def run(cwd, module: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
@@ -25,6 +27,10 @@ def run(cwd, module: str, *args: str) -> subprocess.CompletedProcess:
     ("lm.sizing", ["--targets=1e6,0"],
      "--targets=1e6,0 is not allowed: must be finite parameter counts >= 1"),
     ("lm.smoke", ["--out="], "--out is empty: it names the JSON report to write"),
+    ("experiments.isoflop", [f"--config={GPU}", "--dry_run", "--config.data_tokens=1000000000"],
+     "2 run(s) would make more than max_epochs = 4 passes over lm1b's 1,000,000,000 train tokens: "
+     "C1e18-N2.3e7 (6.2), C1e18-N3.6e7 (4.0); use a larger dataset or smaller budgets, or raise "
+     "config.max_epochs"),
     ("experiments.isoflop", ["--sweep_dir=", "--dry_run"],
      "--sweep_dir is empty: name the sweep directory, or leave the flag out for the config's "
      "(sweeps/tiny)"),
@@ -51,11 +57,11 @@ def test_the_default_sweep_plans_from_any_directory(tmp_path):
 def test_a_dry_run_this_machine_cannot_measure_still_plans(tmp_path):
     """The GPU study planned on a CPU: no minutes-long (or out-of-memory) measurement of a large
     model, one line saying so, and the plan."""
-    gpu = Path(__file__).parents[1] / "configs/isoflop/gpu.py"
-    proc = run(tmp_path, "experiments.isoflop", f"--config={gpu}", "--dry_run",
+    proc = run(tmp_path, "experiments.isoflop", f"--config={GPU}", "--dry_run",
                f"--sweep_dir={tmp_path / 'sweep'}")
     assert proc.returncode == 0, proc.stderr
-    first, *rest = proc.stdout.splitlines()
+    data, first, *rest = proc.stdout.splitlines()
+    assert data.startswith("data: lm1b's train split is not prepared here"), data  # its size unknown
     assert first.startswith("no time estimates: 6 steps of C1e17-") and first.endswith(
         "pass --flops_per_second for time estimates"), first
     assert rest[-1].startswith("35 runs, ") and "C1e18-N3.6e8" in proc.stdout

@@ -97,3 +97,22 @@ def test_a_budget_too_small_for_generated_sizes_says_so_and_what_it_needs():
     c.budgets, c.size_span = (1e12,), 1.05  # sizes too close together: still the span's fault
     with pytest.raises(ConfigError, match=r"budget 1e12 has duplicate model sizes .* widen config\.size_"):
         plan(c)
+
+
+def test_runs_that_repeat_their_data_are_warned_and_refused_past_max_epochs():
+    """Epochs are a run's tokens over the train split's: one warning per run above 1, and a
+    ConfigError naming every run above max_epochs."""
+    from experiments.plan import repeats
+
+    runs = plan(tiny.get_config())
+    *_, third, second, first = sorted(runs, key=lambda r: r.tokens)
+    split = third.tokens  # the two longest runs make more than one pass
+    lines = repeats(runs, split, 4.0, "stdlib")
+    assert lines == [f"warning: {r.name} repeats its data: {r.tokens / split:.2f} epochs of stdlib's "
+                     f"{split:,} train tokens" for r in runs if r in (first, second)]
+    limit = (second.tokens + first.tokens) / 2 / split  # only the longest run is past it
+    with pytest.raises(ConfigError, match=rf"^1 run\(s\) would make more than max_epochs = "
+                                          rf"{limit:g} passes over stdlib's {split:,} train tokens: "
+                                          rf"{first.name} \({first.tokens / split:.1f}\)"):
+        repeats(runs, split, limit, "stdlib")
+    assert repeats(runs, first.tokens, 4.0, "stdlib") == []

@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     # sizes × budgets, one trunk per size with a branch on every budget's line (tiny_grid.py).
     c.mode = "cosine"
     c.cooldown_frac = 0.2  # wsd and grid modes: each run's cooldown, as a fraction of its steps
+    # Runs may repeat their data up to max_epochs passes (warned at each, refused past it);
+    # data_tokens: the train split's size where its cache is not prepared here (0: its manifest).
+    c.max_epochs = 4.0
+    c.data_tokens = 0
     c.grid = ml_collections.ConfigDict()
     c.grid.shapes = ""  # grid mode: d_modelxn_layers sizes ('': a generated ladder)
     c.grid.spacing = 2**0.5  # grid mode: the largest ratio between neighbouring budgets
