@@ -113,6 +113,7 @@ def test_bfloat16_training_tracks_float32(config, reference, tmp_path):
         assert abs(result[key] - reference[1][key]) < 0.1, (key, result[key], reference[1][key])
 
 
+@pytest.mark.slow
 def test_loss_falls_below_unigram_entropy(config):
     from lm import data
     from lm.train import train
@@ -374,6 +375,7 @@ def test_no_recompilation_after_first_step(config, tmp_path):
     assert counts[0] == counts[1], counts
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_device(config, tmp_path):
     """Data-parallel, FSDP and tensor meshes step for step against one device.
 
