@@ -16,6 +16,7 @@ from experiments.plan import flops_line, grid_budgets, plan, trained_flops
 from lm.config import ConfigError
 
 from .conftest import ROOT
+from .test_plan import _set, refuses
 
 SQRT2 = 2**0.5
 
@@ -101,13 +102,6 @@ def test_wsd_runs_share_the_warmup_of_their_shortest():
         assert {r.config.optim.warmup_steps for r in group} == {warmup}
 
 
-def _set(c, dotted, value):
-    *parents, key = dotted.split(".")
-    for p in parents:
-        c = c[p]
-    c[key] = value
-
-
 BAD = [
     ({"grid.spacing": 1.0}, r"config\.grid\.spacing = 1\.0 is not allowed: must be > 1"),
     ({"grid.shapes": "16by1"}, r"config\.grid\.shapes = '16by1'"),
@@ -121,11 +115,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[str(o) for o, _ in BAD])
 def test_bad_grid_configs_are_one_error_naming_the_field(overrides, message):
-    c = tiny_grid.get_config()
-    for k, v in overrides.items():
-        _set(c, k, v)
-    with pytest.raises(ConfigError, match=message):
-        plan(c)
+    refuses(tiny_grid.get_config(), overrides, message)
 
 
 def test_a_config_without_the_grid_section_says_where_to_start():

@@ -66,7 +66,11 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[str(o) for o, _ in BAD])
 def test_bad_sweep_fields_are_one_error_naming_the_field(overrides, message):
-    c = tiny.get_config()
+    refuses(tiny.get_config(), overrides, message)
+
+
+def refuses(c, overrides: dict, message: str) -> None:
+    """Planning `c` with the dotted `overrides` set stops with one ConfigError matching `message`."""
     for k, v in overrides.items():
         _set(c, k, v)
     with pytest.raises(ConfigError, match=message):
