@@ -60,12 +60,19 @@ def _scheduler(tmp_path, command: str, *args: str) -> None:
     subprocess.run([str(SLURM / command), *args], env=_env(tmp_path, 1), check=True)
 
 
-def _wait_for(predicate, proc, timeout=240):
-    start = time.time()
-    while not predicate():
+def _signal_when_training(tmp_path, sweep, proc, signals: dict[str, str], timeout=240) -> dict:
+    """Signal each run's job as soon as that run trains, watching all at once (a run waiting
+    behind another's signal could finish first); returns the runs' job ids."""
+    jobs, start = {}, time.time()
+    while len(jobs) < len(signals):
+        for name in signals.keys() - jobs.keys():
+            if (run_dir(sweep, name) / "metrics.jsonl").exists():
+                jobs[name] = launch.read_status(sweep)[name]["job"]
+                _scheduler(tmp_path, "scancel", f"--signal={signals[name]}", jobs[name])
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() - start < timeout
         time.sleep(0.05)
+    return jobs
 
 
 @pytest.mark.slow
@@ -106,11 +113,7 @@ def test_time_limit_requeue_dead_job_and_rerun(tmp_path, data_dir):
     proc = _isoflop(sweep, [*flags, "--runner=slurm"], env)
     names = ["C3e10-N1.1e4", "C3e10-N1.9e4"]
 
-    jobs = {}
-    for name, sig in zip(names, ("USR2", "KILL"), strict=True):  # each as soon as it trains
-        _wait_for(lambda n=name: (run_dir(sweep, n) / "metrics.jsonl").exists(), proc)
-        jobs[name] = launch.read_status(sweep)[name]["job"]
-        _scheduler(tmp_path, "scancel", f"--signal={sig}", jobs[name])
+    jobs = _signal_when_training(tmp_path, sweep, proc, dict(zip(names, ("USR2", "KILL"), strict=True)))
     out = _finish(proc, 1)
     ref = _results(tmp_path / "reference") if reference.wait(300) == 0 else pytest.fail(
         reference.stdout.read())
