@@ -3,7 +3,9 @@
 Plans the runs (pure), writes plan.json, trains what is missing (skipping completed runs,
 resuming interrupted ones), then runs `lm.analysis` on what completed and prints the headline:
 the fitted exponents with intervals and the optimum at the next budget up. Runs that did not
-finish are listed with why (SWEEP/status.json), and the exit status is then 1.
+finish are listed with why (SWEEP/status.json), and the exit status is then 1. With --validate,
+approach 3's predicted optimum at a budget beyond the sweep is then trained and its loss held
+against the law's prediction (experiments/validate.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import ml_collections
 
-from experiments import launch
+from experiments import launch, tune, validate
 from experiments.plan import Run, format_plan, plan, repeats, trained_flops
 from lm.config import ConfigError
 from lm.files import read_json, run_dir, write_json_atomic
@@ -24,8 +26,10 @@ from lm.metrics import format_duration
 from lm.process import setup
 
 
-def write_plan(sweep_dir: Path, sweep: ml_collections.ConfigDict, runs: list[Run]) -> None:
-    """Record the plan; refuse a run whose workdir already holds a different config."""
+def write_plan(sweep_dir: Path, sweep: ml_collections.ConfigDict, runs: list[Run],
+               root: Path | None = None) -> None:
+    """Record the plan, with each run's LR and batch and where they came from (the tuning fit of
+    the sweep at `root`, default sweep_dir); refuse a run whose workdir holds a different config."""
     for r in runs:
         saved = run_dir(sweep_dir, r.name) / "config.json"
         if saved.exists() and read_json(saved) != json.loads(r.config.to_json()):
@@ -38,7 +42,8 @@ def write_plan(sweep_dir: Path, sweep: ml_collections.ConfigDict, runs: list[Run
         "runs": [{"name": r.name, "budget": r.budget, "steps": r.steps, "n_params": r.n_params,
                   "n_params_non_embedding": r.n_params_non_embedding, "tokens": r.tokens,
                   "flops": r.flops, "flops_6nd": r.flops_6nd, "after": r.after,
-                  "branch_step": r.branch_step,
+                  "branch_step": r.branch_step, "replicate": r.seed,
+                  **tune.provenance(sweep, root or sweep_dir, r.config),
                   "config": json.loads(r.config.to_json())} for r in runs]})
 
 
@@ -116,6 +121,43 @@ def measured_seconds_per_flop(runs: list[Run]) -> float | None:
         return None
 
 
+def train(sweep_dir: Path, names: list[str], sweep: ml_collections.ConfigDict, runner: str,
+          report: Progress, job: str = "") -> None:
+    """Train the planned runs `names` of sweep_dir with the runner named (SLURM jobs named `job`,
+    default the sweep's name)."""
+    if names and runner == "local":
+        launch.run_local(sweep_dir, names, report)
+    elif names and runner == "subprocess":
+        launch.run_subprocesses(sweep_dir, names, sweep.workers, report)
+    elif names:
+        launch.run_slurm(sweep_dir, names, sweep.slurm, job or sweep.name, report)
+
+
+def validate_law(sweep_dir: Path, sweep: ml_collections.ConfigDict, a3: dict, runner: str) -> bool:
+    """--validate: train approach 3's optimum beyond the sweep as a sweep of one run (a rerun reuses
+    it), then compare and record; False when it did not finish."""
+    validate.check_fit(a3)
+    fit = validate.refit(sweep_dir, sweep.analysis.n, a3, validate.budget(sweep))
+    r = validate.plan_run(sweep, fit, sweep_dir)
+    vdir = validate.directory(sweep_dir)
+    for line in data_warnings(sweep, [r]):
+        print(line, flush=True)
+    write_plan(vdir, sweep, [r], root=sweep_dir)
+    done = launch.is_done(vdir, r.name)
+    print(f"validation {vdir}: {r.name} ({r.shape}, {r.flops:.3g} FLOPs)"
+          + (", already done" if done else ""), flush=True)
+    train(vdir, [] if done else [r.name], sweep, runner, Progress(vdir, [r]))
+    stuck, busy = launch.unfinished(vdir, [r.name])
+    if stuck or busy:
+        print(f"validation not done (rerun the same command to finish it): {(stuck + busy)[0]}",
+              flush=True)
+        return False
+    v = validate.compare(fit, r, launch.read_result(vdir, r.name), sweep.analysis.n)
+    validate.record(sweep_dir, v)
+    print(validate.summary(v), flush=True)
+    return True
+
+
 def main(argv: list[str]) -> None:
     from absl import flags
 
@@ -137,6 +179,9 @@ def main(argv: list[str]) -> None:
                          "preflight: devices of the abstract mesh, which resolve the -1 of each "
                          "run's mesh.shape (0: config.slurm.gpus_per_node × config.slurm.nodes, "
                          "what one run gets on SLURM)")
+    flags.DEFINE_bool("validate", False, "after the fits, train approach 3's compute-optimal model "
+                      "of config.validate_factor × the largest budget and compare its eval loss with "
+                      "the law's prediction and interval (SWEEP/validation.json, report.md)")
 
     def run():
         f = flags.FLAGS
@@ -149,6 +194,8 @@ def main(argv: list[str]) -> None:
         try:
             launch.validate_slurm(sweep.slurm)
             runs = plan(sweep, sweep_dir)
+            if f.validate:
+                validate.check_options(sweep, f.analyse)
             for line in data_warnings(sweep, runs):
                 print(line, flush=True)
             if f.preflight:
@@ -165,7 +212,12 @@ def main(argv: list[str]) -> None:
             runner = f.runner or sweep.runner
             if f.dry_run:
                 rate = f.flops_per_second
-                print(format_plan(runs, 1 / rate if rate > 0 else measured_seconds_per_flop(runs)))
+                seconds_per_flop = 1 / rate if rate > 0 else measured_seconds_per_flop(runs)
+                print(format_plan(runs, seconds_per_flop))
+                if f.validate:
+                    saved = sweep_dir / "fits.json"
+                    a3 = read_json(saved).get("approach3") if saved.exists() else None
+                    print("\n" + validate.preview(sweep, a3, sweep_dir, seconds_per_flop))
                 if runner == "slurm" and todo:
                     print(f"\nsbatch script for the {len(todo)} run(s) to submit:\n")
                     print(launch.sbatch_script(sweep_dir, sweep.slurm, sweep.name, len(todo)))
@@ -176,12 +228,7 @@ def main(argv: list[str]) -> None:
         print(f"sweep {sweep_dir}: {len(runs)} runs, {len(runs) - len(todo)} already done",
               flush=True)
         report = Progress(sweep_dir, runs)
-        if todo and runner == "local":
-            launch.run_local(sweep_dir, todo, report)
-        elif todo and runner == "subprocess":
-            launch.run_subprocesses(sweep_dir, todo, sweep.workers, report)
-        elif todo:
-            launch.run_slurm(sweep_dir, todo, sweep.slurm, sweep.name, report)
+        train(sweep_dir, todo, sweep, runner, report)
         report()
         stuck, busy = launch.unfinished(sweep_dir, [r.name for r in runs])
         if f.analyse and len(stuck) + len(busy) < len(runs):
@@ -190,6 +237,11 @@ def main(argv: list[str]) -> None:
             fits = analysis.run(sweep_dir, n=sweep.analysis.n, bootstrap=sweep.analysis.bootstrap)
             print(f"report: {sweep_dir / 'report.md'}")
             print(analysis.summary(fits, next_budget=10 * max(sweep.budgets)))
+        if f.validate and (stuck or busy):
+            print(f"validation: not run while {len(stuck) + len(busy)} of the sweep's runs are not "
+                  "done", flush=True)
+        elif f.validate and not validate_law(sweep_dir, sweep, fits["approach3"], runner):
+            sys.exit(1)
         if busy:
             print("still training elsewhere:\n  " + "\n  ".join(busy), flush=True)
         if stuck:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -246,9 +247,11 @@ def run_subprocesses(sweep_dir: Path, names: Sequence[str], workers: int,
             env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
             env.update({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else cpu_worker_env())
             log = open(run_dir(sweep_dir, name).parent / f"{name}.log", "a")  # noqa: SIM115
-            proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", str(sweep_dir), name],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=None if gpus else pin_to_core(slot))
+            with warnings.catch_warnings():  # JAX warns at any fork; the child only pins itself, then execs
+                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+                proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", str(sweep_dir), name],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=None if gpus else pin_to_core(slot))
             running[proc] = slot
             proc.log, proc.run_name = log, name  # type: ignore[attr-defined]
         if finished or time.time() - last_report > 60:  # after refilling: the true running count

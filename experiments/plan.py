@@ -31,6 +31,7 @@ class Run:
     workdir: str = ""
     after: str | None = None  # wsd and grid modes: the trunk run this one branches from
     branch_step: int = 0  # ... at this step (the steps before it are shared, not retrained)
+    seed: int = 0  # replicate: 0 the planned run, k its copy with init and data seeds moved by k
 
     @property
     def shape(self) -> str:
@@ -102,6 +103,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head_dim": (lambda v: _integer(v) and v > 0, "must be a positive integer (the width heads aim at)"),
     "ffn_ratio": (lambda v: _real(v) and v > 0, "must be > 0 (d_ff / d_model)"),
     "sizes_per_budget": (lambda v: _integer(v) and v > 0, "must be a positive integer"),
+    "seeds": (lambda v: _integer(v) and v >= 1, "must be an integer >= 1: runs per planned point, each "
+              "with its own initialisation and data order (1: no replicates)"),
     "size_span": (lambda v: _real(v) and v > 1, "must be > 1 (largest / smallest generated size)"),
     "tokens_per_param": (lambda v: _real(v) and v > 0, "must be > 0 (where generated sizes centre)"),
     "aspect_ratio": (lambda v: _real(v) and v > 0, "must be > 0 (d_model / n_layers of generated sizes)"),
@@ -126,6 +129,19 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                     "'16x1,24x2' ('': a generated ladder)"),
     "grid.spacing": (lambda v: _real(v) and v > 1, "must be > 1 (the largest ratio between neighbouring "
                      "budgets, so between a size's neighbouring token counts)"),
+    "tune.n_budgets": (lambda v: _integer(v) and v > 0, "must be a positive integer: how many of the "
+                       "sweep's smallest budgets the tuning stage trains at"),
+    "tune.lr_factors": (lambda v: isinstance(v, tuple | list) and all(_real(x) and x > 0 for x in v)
+                        and len(v) >= 3 and len(set(v)) == len(v),
+                        "must be at least 3 distinct multipliers > 0 of the tune.lr_rule LR (a parabola "
+                        "needs 3 points), e.g. (0.25, 0.5, 1, 2, 4)"),
+    "tune.batch_sizes": (lambda v: isinstance(v, tuple | list) and all(_integer(x) and x > 0 for x in v)
+                         and (not v or len(v) >= 3) and len(set(v)) == len(v),
+                         "must be () (the sweep's batch rule) or at least 3 distinct batch sizes > 0"),
+    "tune.lr_rule": (lambda v: v in ("constant", "inverse_width"), "must be 'constant' or "
+                     "'inverse_width': the rule whose LR tune.lr_factors multiply"),
+    "validate_factor": (lambda v: _real(v) and v > 1, "must be > 1 (--validate trains the predicted "
+                        "optimum of this × the largest budget, beyond the sweep)"),
 }
 
 
@@ -273,7 +289,8 @@ def lines(sweep: ml_collections.ConfigDict) -> list[tuple[float, list, list]]:
 
 def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
          data_parallel: int = 1) -> list[Run]:
-    """All runs of the sweep, budgets in order, smallest model first within a budget."""
+    """All runs of the sweep, budgets in order, smallest model first within a budget, each followed by
+    its seed replicates."""
     validate_sweep(sweep)
     runs: list[Run] = []
     for budget, models, targets in lines(sweep):
@@ -289,6 +306,11 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
             c.mesh.shape = tuple(c.mesh.shape)
             c.model = m
             c.data.batch_size = _batch_size(sweep, pc.total, data_parallel)
+            if c.optim.lr_rule == "fitted":  # the tuning stage's laws (experiments/tune.py)
+                from experiments.tune import fitted
+
+                lr, c.data.batch_size = fitted(sweep, sweep_dir, pc.total, c.data.batch_size, data_parallel)
+                c.optim.lr_rule, c.optim.peak_lr, c.optim.max_lr = "constant", lr, max(lr, c.optim.max_lr)
             seq = c.data.seq_len
             fpt = flops_per_token(m, seq) if sweep.flops == "exact" else flops_per_token_6n(m)
             per_step = c.data.batch_size * seq * fpt
@@ -311,6 +333,7 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
                 n_params=pc.total, n_params_non_embedding=pc.non_embedding, tokens=tokens,
                 flops=tokens * flops_per_token(m, seq), flops_6nd=tokens * flops_per_token_6n(m),
                 workdir=str(run_dir(sweep_dir, name))))
+    runs = [rep for r in runs for rep in replicas(r, sweep.seeds, sweep_dir)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a name: {sorted({n for n in names if names.count(n) > 1})}")
@@ -320,13 +343,25 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
     return runs
 
 
+def replicas(r: Run, seeds: int, sweep_dir: str | Path) -> list[Run]:
+    """`r` and its seeds - 1 replicates: replicate k is `<name>-s<k>`, its initialisation and data-order
+    seeds r's plus k (replicate 0 is `r` itself, so a sweep that adds seeds keeps the runs it has)."""
+    out = [r]
+    for k in range(1, seeds):
+        c, name = r.config.copy_and_resolve_references(), f"{r.name}-s{k}"
+        c.seed, c.data.seed = r.config.seed + k, r.config.data.seed + k
+        out.append(replace(r, name=name, config=c, seed=k, workdir=str(run_dir(sweep_dir, name))))
+    return out
+
+
 def wsd_branches(runs: list[Run], sweep: ml_collections.ConfigDict) -> list[Run]:
-    """Turn the runs of each model size into one WSD trunk and cooldown branches from it; all share
-    the warmup of the shortest (warmup_frac of its steps), so no run warms up for longer than that."""
+    """Turn the runs of each model size (and replicate) into one WSD trunk and cooldown branches from
+    it; all share the warmup of the shortest (warmup_frac of its steps), so no run warms up for longer
+    than that."""
     by_size: dict[tuple, list[Run]] = {}
     for r in runs:
         m = r.config.model
-        by_size.setdefault((m.d_model, m.n_layers, r.config.data.batch_size), []).append(r)
+        by_size.setdefault((m.d_model, m.n_layers, r.config.data.batch_size, r.seed), []).append(r)
     out = {}
     for group in by_size.values():
         trunk = max(group, key=lambda r: r.steps)

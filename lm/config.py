@@ -17,7 +17,7 @@ KERNELS = ("auto", "xla")
 BYTE_VOCAB_SIZE = 257  # the byte tokenizer: 256 byte values + EOS
 SCHEDULES = ("cosine", "wsd", "constant")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
-LR_RULES = ("constant", "inverse_width")
+LR_RULES = ("constant", "inverse_width", "fitted")  # "fitted": a sweep's, resolved by its planner
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -68,6 +68,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = 3e-3
     c.optim.lr_rule = "constant"  # "constant" or "inverse_width": lr = peak_lr * base_width / d_model
+    #   (an IsoFLOP sweep may say "fitted": its planner gives each run the tuning stage's LR)
     c.optim.base_width = 128
     c.optim.max_lr = 2e-2  # cap applied after the width rule
     c.optim.schedule = "cosine"  # "cosine", "wsd" or "constant"

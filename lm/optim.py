@@ -11,12 +11,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from lm.config import fail
+
 NO_DECAY = ("attn_norm", "mlp_norm", "final_norm")  # norms (the model has no biases)
 EMBEDDINGS = ("embed", "unembed")
 
 
 def peak_lr(o: ml_collections.ConfigDict, d_model: int) -> float:
-    """Peak learning rate after the width rule: `inverse_width` scales it by base_width/d_model."""
+    """Peak learning rate after the width rule: `inverse_width` scales it by base_width/d_model;
+    `fitted` is a sweep's rule, which its planner has replaced in every run it plans."""
+    if o.lr_rule == "fitted":
+        fail("optim.lr_rule", o.lr_rule, "a run takes 'constant' or 'inverse_width' ('fitted' is an "
+             "IsoFLOP sweep's rule, which its planner resolves into each run's LR from "
+             "`python -m experiments.tune`)")
     lr = o.peak_lr * (o.base_width / d_model if o.lr_rule == "inverse_width" else 1.0)
     return min(lr, o.max_lr)
 

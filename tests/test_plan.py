@@ -49,6 +49,8 @@ BAD = [
     ({"cooldown_frac": 1.0}, r"config\.cooldown_frac = 1\.0"),
     ({"analysis.n": "embedding"}, r"config\.analysis\.n = 'embedding'"),
     ({"analysis.bootstrap": -1}, r"config\.analysis\.bootstrap = -1"),
+    ({"seeds": 0}, r"config\.seeds = 0 is not allowed: must be an integer >= 1: runs per planned point"),
+    ({"seeds": -1}, r"config\.seeds = -1 is not allowed"),
     ({"name": ""}, r"config\.name = ''"),
     ({"sweep_dir": ""}, r"config\.sweep_dir = ''"),
     # the base training config, through lm.config.validate, named as the sweep names it
@@ -120,3 +122,27 @@ def test_runs_that_repeat_their_data_are_warned_and_refused_past_max_epochs():
                                           rf"{first.name} \({first.tokens / split:.1f}\)"):
         repeats(runs, split, limit, "stdlib")
     assert repeats(runs, first.tokens, 4.0, "stdlib") == []
+
+
+def test_seeds_plan_replicates_with_their_own_seeds_and_trunks():
+    """Replicate 0 is the run a sweep without seeds plans (name and config), so a sweep resumes when
+    seeds are added; replicate k is `<name>-s<k>` with the init and data seeds moved by k, and in grid
+    mode every replicate has its own trunks."""
+    base = tiny.get_config()
+    base.train.seed, base.train.data.seed = 5, 7
+    three = base.copy_and_resolve_references()
+    three.seeds = 3
+    one, runs = plan(base, "sweep"), plan(three, "sweep")
+    assert runs[::3] == one
+    assert [r.name for r in runs] == [r.name + s for r in one for s in ("", "-s1", "-s2")]
+    seeds = [(r.seed, r.config.seed, r.config.data.seed) for r in runs[:3]]
+    assert seeds == [(0, 5, 7), (1, 6, 8), (2, 7, 9)]
+    assert runs[2].workdir == "sweep/runs/" + runs[2].name and runs[2].steps == runs[0].steps
+    grid = tiny_grid.get_config()
+    grid.seeds = 2
+    twice = plan(grid)
+    trunks = {r.name: r for r in twice if r.after is None}
+    assert len(trunks) == 2 * sum(r.after is None for r in plan(tiny_grid.get_config()))
+    for r in twice:
+        if r.after:
+            assert trunks[r.after].seed == r.seed and r.config.train.init_from == trunks[r.after].workdir

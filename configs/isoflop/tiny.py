@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = t
 
     c.budgets = (3e11, 1e12, 3e12)
+    c.validate_factor = 3.0  # --validate: train the predicted optimum of this × the largest budget
     # Per budget, explicit d_model×n_layers shapes (empty: generate sizes around the optimum).
     c.shapes = (
         "16x1,16x2,24x2,32x2,48x2",
@@ -38,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.size_span = 16.0  # largest / smallest size in a budget
     c.tokens_per_param = 20.0  # r: where the centre of each budget's sizes sits
     c.aspect_ratio = 64.0
+    # Runs per planned point: replicate k >= 1 (`<name>-s<k>`) moves the init and data seeds by k.
+    c.seeds = 1
     # Batch rule: batch_size × (N / batch_ref_params) ** batch_exponent, a power of two.
     c.batch_exponent = 0.0
     c.batch_ref_params = 1e6
@@ -75,4 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.analysis = ml_collections.ConfigDict()
     c.analysis.n = "total"  # "total" or "non_embedding" parameters
     c.analysis.bootstrap = 1000
+
+    # Tuning stage (python -m experiments.tune): the sweep's runs at its n_budgets smallest budgets,
+    # each at lr_factors × its lr_rule LR (and each of batch_sizes; (): the sweep's batch rule);
+    # train.optim.lr_rule = "fitted" then plans every run with the fitted laws in N.
+    c.tune = ml_collections.ConfigDict()
+    c.tune.n_budgets = 1
+    c.tune.lr_factors = (0.25, 0.5, 1.0, 2.0, 4.0)
+    c.tune.batch_sizes = ()
+    c.tune.lr_rule = "inverse_width"
     return c

@@ -13,6 +13,7 @@ from lm.analysis.approach1 import fit_approach1
 from lm.analysis.approach2 import fit_approach2
 from lm.analysis.approach3 import closed_form_optimum, fit_approach3, law
 from lm.analysis.load import check_n, from_table, is_type, load
+from lm.analysis.replicates import noise
 from lm.config import ConfigError
 from lm.files import write_bytes_atomic, write_json_atomic
 
@@ -89,7 +90,8 @@ def run(path: str | Path, out: str | Path | None = None, n: str = "total", boots
                progress=progress)
     a3.pop("samples", None)
     a1 = _safe(fit_approach1, df)
-    fits = {"source": str(path), "n": n, "approach1": a1, "approach2": a2, "approach3": a3}
+    fits = {"source": str(path), "n": n, "noise": noise(df, tolerance), "approach1": a1, "approach2": a2,
+            "approach3": a3}
     figures = []
     if "budgets" in a2:
         figures.append(plots.isoflop(a2, df, out))
@@ -108,8 +110,9 @@ def run(path: str | Path, out: str | Path | None = None, n: str = "total", boots
 
 def summary(fits: dict, next_budget: float | None = None) -> str:
     """The console lines of `python -m lm.analysis` and of a sweep's end: exponents with intervals,
-    warnings, and the optimum at `next_budget` (default: ten times the largest budget in the data),
-    that line ending in `unreliable: ...` when it should not be trusted."""
+    warnings, the run-to-run noise and its share of a's intervals (with seed replicates), and the optimum
+    at `next_budget` (default: ten times the largest budget in the data), that line ending in
+    `unreliable: ...` when it should not be trusted."""
     lines = []
     for name in ("approach1", "approach2", "approach3"):
         f = fits.get(name) or {}
@@ -130,6 +133,7 @@ def summary(fits: dict, next_budget: float | None = None) -> str:
             lines.append(f"  L = {f['E']:.3f} + {f['A']:.4g}/N^{f['alpha']:.3f} + "
                          f"{f['B']:.4g}/D^{f['beta']:.3f} (fit {f['seconds']:.2f} s, {f['starts']:,} starts)")
         lines += [f"  unreliable: {w}" for w in f.get("warnings", [])]
+    lines += _noise(fits)
     C = next_budget if next_budget is not None else _next_budget(fits)
     usable = [n for n in ("approach3", "approach2") if "a" in (fits.get(n) or {})]
     trusted = [n for n in usable if not fits[n].get("warnings")]  # approach 3 unless it is unreliable
@@ -145,6 +149,18 @@ def summary(fits: dict, next_budget: float | None = None) -> str:
 
 def _label(name: str) -> str:
     return name.replace("approach", "approach ")
+
+
+def _noise(fits: dict) -> list[str]:
+    """The run-to-run noise line: its sd, and how much of each approach's interval of a it makes."""
+    noise = fits.get("noise") or {}
+    if "sd" not in noise:
+        return []
+    shares = [f"{_label(name)} {report.share(fits[name]['noise_share']['a'])}"
+              for name in ("approach2", "approach3") if "noise_share" in (fits.get(name) or {})]
+    return [f"run-to-run noise: sd {noise['sd']:.4f} of the final eval loss over {noise['points']} points "
+            f"with replicates (up to {noise['replicates']} each)"
+            + (f"; its share of a's interval: {', '.join(shares)}" if shares else "")]
 
 
 def _caveats(fits: dict, name: str, usable: list[str], trusted: list[str], C: float,

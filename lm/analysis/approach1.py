@@ -11,11 +11,13 @@ from lm.analysis.approach2 import power_law
 
 
 def curves(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per run its included eval points, sorted by FLOPs; but a WSD run's evals before its end are not
-    finished runs (stable phase, partial cooldown), so per size the final points of its WSD runs
-    (a trunk's and its branches') form that size's curve instead."""
+    """Per run of replicate 0 its included eval points, sorted by FLOPs; but a WSD run's evals before its
+    end are not finished runs (stable phase, partial cooldown), so per size the final points of its WSD
+    runs (a trunk's and its branches') form that size's curve instead."""
     if "point" not in df.columns:
         return {}
+    if "replicate" in df.columns:  # replicate 0's curves: the lowest of several seeds' is a lucky one
+        df = df[df["replicate"] == 0]
     ok = df["included"].astype(bool) & np.isfinite(df["C"]) & (df["C"] > 0) & np.isfinite(df["loss"])
     wsd = (df["schedule"] == "wsd") if "schedule" in df.columns else pd.Series(False, index=df.index)
     out = {run: g for run, g in df[ok & (df["point"] == "eval") & ~wsd].groupby("run")}

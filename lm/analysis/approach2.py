@@ -9,30 +9,13 @@ import numpy as np
 import pandas as pd
 
 from lm.analysis import checks
-from lm.analysis.bootstrap import percentile_ci
-from lm.analysis.load import fit_points
+from lm.analysis.bootstrap import noise_share, percentile_ci, replicate_means, second_stage
+from lm.analysis.replicates import points, replicated
 
 MIN_POINTS = 3  # a parabola needs three distinct sizes
 # Bootstrap intervals need at least this fraction of resamples to give power laws: resampling
 # with replacement loses sizes, and with few per budget only near-copies of the data survive.
 MIN_KEPT = 0.5
-
-
-def group_budgets(pts: pd.DataFrame, tolerance: float = 0.05) -> np.ndarray:
-    """A budget per point: the sweep's label, or (bare tables) C grouped within a relative tolerance."""
-    if "budget" in pts.columns and np.isfinite(pts["budget"].to_numpy(np.float64)).all():
-        return pts["budget"].to_numpy(np.float64)
-    C = pts["C"].to_numpy(np.float64)
-    order = np.argsort(C)
-    labels = np.empty_like(C)
-    start, members = C[order[0]], []
-    for i in order:
-        if C[i] > start * (1 + tolerance):
-            labels[members] = np.exp(np.mean(np.log(C[members])))
-            start, members = C[i], []
-        members.append(i)
-    labels[members] = np.exp(np.mean(np.log(C[members])))
-    return labels
 
 
 def vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -90,15 +73,14 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
                   budgets: tuple[float, ...] = ()) -> dict:
     """IsoFLOP fit; a reported skip ({"skipped": reason}) when the data cannot support one, and in
     `warnings` the reasons not to trust it (lm.analysis.checks)."""
-    pts = fit_points(df)
+    pts, labels, losses = points(df, tolerance)
     if len(pts) == 0:
         return {"skipped": "no completed points to fit"}
-    labels = group_budgets(pts, tolerance)
     log_n = np.log(pts["N"].to_numpy(np.float64))
     loss = pts["loss"].to_numpy(np.float64)
     fpt = pts["flops_per_token"].to_numpy(np.float64) if "flops_per_token" in pts else 6 * np.exp(log_n)
     log_ratio = np.log(np.where(np.isfinite(fpt), fpt, 6 * np.exp(log_n)) / np.exp(log_n))
-    groups, skipped = [], []
+    groups, reps, skipped = [], [], []
     for C in np.unique(labels):
         m = labels == C
         if len(np.unique(log_n[m])) < MIN_POINTS:
@@ -106,6 +88,7 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
                             f"a parabola needs {MIN_POINTS}"})
         else:
             groups.append((C, log_n[m], loss[m], log_ratio[m]))
+            reps.append(losses[m])
     if not groups:
         return {"skipped": "no budget has 3 distinct model sizes", "budgets_skipped": skipped}
     profiles = _profiles(groups)
@@ -122,7 +105,7 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
     fit.update(laws)
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
-        _intervals(fit, groups, bootstrap, seed)
+        _intervals(fit, groups, reps, bootstrap, seed)
     edges = [f"{b['C']:.3g}" for b in profiles if b["edge"] and b["C"] in fit["budgets_used"]]
     fit["warnings"] = checks.budgets(len(fit["budgets_used"])) + checks.exponents(fit) + (
         [f"the power laws go through edge minima (budgets {', '.join(edges)}), vertices outside the "
@@ -130,9 +113,10 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
     return fit
 
 
-def _intervals(fit: dict, groups: list, n: int, seed: int) -> None:
-    """Bootstrap intervals of the power laws and predictions, or `ci_skipped` when too few resamples fit."""
-    samples = _bootstrap(groups, n, seed)
+def _intervals(fit: dict, groups: list, reps: list[np.ndarray], n: int, seed: int) -> None:
+    """Bootstrap intervals of the power laws and predictions, or `ci_skipped` when too few resamples fit;
+    with replicates also the points-only intervals (`ci_points`) and the share run noise makes."""
+    samples = _bootstrap(groups, n, seed, reps)
     kept = int(np.isfinite(samples["a"]).sum())
     fit.update(bootstrap=n, seed=seed, bootstrap_kept=kept)
     if kept < MIN_KEPT * n:
@@ -143,23 +127,29 @@ def _intervals(fit: dict, groups: list, n: int, seed: int) -> None:
         return
     ci = percentile_ci(samples)
     fit.update({"a_ci": ci["a"], "b_ci": ci["b"], "ci": ci})
+    if any(replicated(r) for r in reps):
+        fit["ci_points"] = percentile_ci(_bootstrap(groups, n, seed))
+        fit["noise_share"] = noise_share(ci, fit["ci_points"])
     for p in fit["predictions"]:
         with np.errstate(over="ignore", invalid="ignore"):  # resamples with steep laws overflow: no interval
             n_opt, d_opt = samples["k_N"] * p["C"] ** samples["a"], samples["k_D"] * p["C"] ** samples["b"]
         p.update({f"{k}_ci": v for k, v in percentile_ci({"N_opt": n_opt, "D_opt": d_opt}).items()})
 
 
-def _bootstrap(groups: list, n: int, seed: int) -> dict[str, np.ndarray]:
-    """Resample points with replacement within each budget and refit everything, n times."""
-    rng = np.random.default_rng(seed)
+def _bootstrap(groups: list, n: int, seed: int, reps: list[np.ndarray] | None = None,
+               ) -> dict[str, np.ndarray]:
+    """Resample points with replacement within each budget and, given each budget's replicate losses
+    `reps`, each drawn point's replicates (a two-stage bootstrap), and refit everything, n times."""
+    rng, stage2 = np.random.default_rng(seed), second_stage(seed)
     keys = ("a", "b", "k_N", "k_D")
     samples = {k: np.full(n, np.nan) for k in keys}
     for r in range(n):
         resampled = []
-        for C, log_n, loss, log_ratio in groups:
+        for g, (C, log_n, loss, log_ratio) in enumerate(groups):
             i = rng.integers(0, len(log_n), len(log_n))
             if len(np.unique(log_n[i])) >= MIN_POINTS:
-                resampled.append((C, log_n[i], loss[i], log_ratio[i]))
+                drawn = loss[i] if reps is None else replicate_means(reps[g][i], np.ones((1, len(i))), stage2)
+                resampled.append((C, log_n[i], drawn.ravel(), log_ratio[i]))
         with np.errstate(over="ignore"):  # a resample's steep power law: k = e^intercept beyond float64
             laws = _laws(_profiles(resampled)) if len(resampled) >= 2 else None
         for k in keys:

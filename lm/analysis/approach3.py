@@ -14,10 +14,9 @@ import numpy as np
 import pandas as pd
 
 from lm.analysis import checks
-from lm.analysis.approach2 import group_budgets
-from lm.analysis.bootstrap import percentile_ci, resample_weights
+from lm.analysis.bootstrap import noise_share, percentile_ci, replicate_means, resample_weights, second_stage
 from lm.analysis.bootstrap import progress as show_progress
-from lm.analysis.load import fit_points
+from lm.analysis.replicates import points, replicated
 from lm.config import ConfigError
 
 HUBER_DELTA = 1e-3
@@ -161,7 +160,7 @@ def solve(x0: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarra
           max_iter: int = MAX_ITER, gtol: float = GTOL, ftol: float = FTOL, delta: float = HUBER_DELTA,
           dtype: str = "float64", backtracks: int = BACKTRACKS) -> tuple[np.ndarray, np.ndarray, float]:
     """Compile (cached per shape), then minimise from every row of x0 (L, 5) under its row of weights
-    (L or 1, P): returns (theta (L, 5), objective (L,), run seconds)."""
+    (L or 1, P) and of log_l (P, or L × P): returns (theta (L, 5), objective (L,), run seconds)."""
     with jax.enable_x64(True):
         args = [jnp.asarray(x, dtype) for x in (x0, log_n, log_d, log_l, np.atleast_2d(weights))]
         compiled = _compiled(tuple((a.shape, str(a.dtype)) for a in args), max_iter, gtol, ftol, delta,
@@ -214,12 +213,13 @@ def law(fit: dict, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray:
         return fit["E"] + fit["A"] / N ** fit["alpha"] + fit["B"] / D ** fit["beta"]
 
 
-def _data(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """log N, log D, log L and the budget of the points that enter fits, checked for a well-posed fit."""
-    pts = fit_points(df)
+def _data(df: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """log N, log D, log L (the replicate mean), the budget and the replicates' losses of the points that
+    enter fits, checked for a well-posed fit."""
+    pts, labels, losses = points(df)
     if len(pts) < N_PARAMS:
         raise ValueError(f"approach 3 needs at least {N_PARAMS} points (one per parameter), got {len(pts)}")
-    return (*(np.log(pts[c].to_numpy(np.float64)) for c in ("N", "D", "loss")), group_budgets(pts))
+    return (*(np.log(pts[c].to_numpy(np.float64)) for c in ("N", "D", "loss")), labels, losses)
 
 
 def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap: int = 0, seed: int = 0,
@@ -227,11 +227,12 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
                   ftol: float = FTOL, delta: float = HUBER_DELTA, bootstrap_starts: int = 1,
                   progress: bool = False, screen_iter: int = SCREEN_ITER) -> dict:
     """Fit L(N, D) from every start (default: the 4,500-start grid) and keep the best; `bootstrap`
-    resamples add intervals (`ci`) and `samples`, and `budgets` closed-form predictions."""
+    resamples add intervals (`ci`) and `samples` (with replicates: two-stage, and the points-only
+    `ci_points` and `noise_share` beside them), and `budgets` closed-form predictions."""
     if not (isinstance(bootstrap_starts, int) and 1 <= bootstrap_starts <= POLISH):
         raise ConfigError(f"bootstrap_starts = {bootstrap_starts!r} is not allowed: must be an integer in "
                           f"1..{POLISH} (the polished solutions each resample is refitted from)")
-    log_n, log_d, log_l, labels = _data(df)
+    log_n, log_d, log_l, labels, losses = _data(df)
     starts = default_grid() if starts is None else np.atleast_2d(np.asarray(starts, dtype=np.float64))
     n_starts = len(starts)
     opts = {"max_iter": max_iter, "gtol": gtol, "ftol": ftol, "delta": delta}
@@ -242,8 +243,8 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
                                       dtype="float32", backtracks=SCREEN_BACKTRACKS)
         starts = theta[np.argsort(np.where(np.isfinite(value), value, np.inf))[:POLISH]].astype(np.float64)
     lanes = np.resize(starts, (max(POLISH, len(starts)), N_PARAMS))  # the bootstrap's program: POLISH lanes
-    theta, value, polish_seconds = solve(lanes, log_n, log_d, log_l, np.ones((len(lanes), len(log_n))),
-                                         **opts)
+    every = np.ones((len(lanes), len(log_n)))  # a row per lane, as the bootstrap's: one program for both
+    theta, value, polish_seconds = solve(lanes, log_n, log_d, log_l * every, every, **opts)
     seconds += polish_seconds
     value = admissible(theta, value)
     if not np.isfinite(value).any():
@@ -257,10 +258,15 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
                C_range=[float(labels.min()), float(labels.max())])
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
-        weights = resample_weights(len(log_n), bootstrap, seed)
-        samples = bootstrap_samples(theta[order[:bootstrap_starts]], log_n, log_d, log_l, weights, progress,
-                                    **opts)
+        weights, warm = resample_weights(len(log_n), bootstrap, seed), theta[order[:bootstrap_starts]]
+        drawn = np.log(replicate_means(losses, weights, second_stage(seed)))
+        samples = bootstrap_samples(warm, log_n, log_d, drawn, weights, progress, **opts)
         fit.update(samples=samples, ci=percentile_ci(samples), bootstrap=bootstrap, seed=seed)
+        if replicated(losses):
+            means = log_l * np.ones_like(weights)  # the points-only bootstrap of the same resamples
+            only = bootstrap_samples(warm, log_n, log_d, means, weights, False, **opts)
+            fit["ci_points"] = percentile_ci(only)
+            fit["noise_share"] = noise_share(fit["ci"], fit["ci_points"])
         for p in fit["predictions"]:
             n_opt, d_opt = closed_form_optimum(samples, p["C"])
             ci = percentile_ci({"N_opt": n_opt, "D_opt": d_opt, "loss": law(samples, n_opt, d_opt)})
@@ -290,18 +296,18 @@ def prediction(fit: dict, C: float) -> dict:
 
 def bootstrap_samples(warm: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
                       weights: np.ndarray, progress: bool, **opts) -> dict[str, np.ndarray]:
-    """Refit once per row of `weights` from each of the `warm` starts (k, 5), POLISH lanes at a time (the
-    polish's compiled program; small blocks stay in cache), keeping each resample's best admissible fit."""
-    n, P = weights.shape
+    """Refit once per row of `weights` and of `log_l` (resamples × points) from each of the `warm` starts
+    (k, 5), POLISH lanes at a time (the polish's compiled program; small blocks stay in cache), keeping
+    each resample's best admissible fit."""
+    n = len(weights)
     k = len(warm)
     chunk = max(POLISH // k, 1)
     out = []
     for i in range(0, n, chunk):
-        w = weights[i:i + chunk]
-        pad = chunk - len(w)  # pad the last block so every block reuses one compilation
-        w = np.concatenate([w, np.ones((pad, P))]) if pad else w
-        theta, value, _ = solve(np.tile(warm, (chunk, 1)), log_n, log_d, log_l, np.repeat(w, k, axis=0),
-                                **opts)
+        pad = chunk - len(weights[i:i + chunk])  # pad the last block so every block reuses one compilation
+        w, l_ = (np.pad(x[i:i + chunk], ((0, pad), (0, 0)), mode="edge") for x in (weights, log_l))
+        theta, value, _ = solve(np.tile(warm, (chunk, 1)), log_n, log_d, np.repeat(l_, k, axis=0),
+                                np.repeat(w, k, axis=0), **opts)
         theta, value = theta.reshape(chunk, k, -1), admissible(theta, value).reshape(chunk, k)
         out.append(theta[np.arange(chunk), np.argmin(value, axis=1)][:chunk - pad])
         done = min(i + chunk, n)

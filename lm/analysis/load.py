@@ -17,14 +17,14 @@ from lm.files import FileError, read_json, run_dir
 
 N_CHOICES = ("total", "non_embedding")
 REQUIRED = ("N", "D", "loss")
-COLUMNS = ("run", "point", "step", "budget", "status", "schedule", "included", "reason", "N",
+COLUMNS = ("run", "replicate", "point", "step", "budget", "status", "schedule", "included", "reason", "N",
            "N_total", "N_non_embedding", "D", "C", "C_6nd", "loss", "flops_per_token", "config_hash")
 FLOATS = ("budget", "N", "N_total", "N_non_embedding", "D", "C", "C_6nd", "loss", "flops_per_token")
 TEXT = ("run", "point", "status", "schedule", "reason")  # "" when missing; config_hash stays missing
 POINTS = ("final", "eval")
 # Counts every plan entry and every completed result.json holds, and the type of each key the loader reads.
 COUNTS = ("n_params", "n_params_non_embedding", "tokens", "flops", "flops_6nd")
-TYPES = {"name": str, "status": str, "config_hash": str, "steps": int, "diverged_step": int,
+TYPES = {"name": str, "status": str, "config_hash": str, "steps": int, "diverged_step": int, "replicate": int,
          **dict.fromkeys(("budget", *COUNTS, "flops_per_token", "eval_loss"), float)}
 
 
@@ -163,7 +163,8 @@ def load_sweep(sweep: Path, n: str = "total") -> pd.DataFrame:
         tokens, flops = _float(src.get("tokens")), _float(src.get("flops"))
         fpt = _float(src["flops_per_token"]) if "flops_per_token" in src else (
             flops / tokens if _positive(tokens) else float("nan"))
-        meta = {"run": name, "budget": _float(plan.get("budget")), "status": status,
+        meta = {"run": name, "replicate": plan.get("replicate", 0), "budget": _float(plan.get("budget")),
+                "status": status,
                 "schedule": _schedule(plan),
                 "N_total": n_total, "N_non_embedding": n_ne, "N": n_total if n == "total" else n_ne,
                 "flops_per_token": fpt, "config_hash": (result or {}).get("config_hash")}
@@ -196,6 +197,7 @@ def _frame(df: pd.DataFrame) -> pd.DataFrame:
         df[c] = _text(df[c])
     df["config_hash"] = _text(df["config_hash"], None)
     df["included"] = df["included"].astype(bool)
+    df["replicate"] = df["replicate"].astype(np.int64)
     df["step"] = pd.array([None if pd.isna(s) else int(s) for s in df["step"]], dtype="Int64")
     for c in FLOATS:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
@@ -203,7 +205,8 @@ def _frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_table(path: Path, n: str = "total") -> pd.DataFrame:
-    """A CSV/Parquet table: bare final points (N, D, loss; optional C, budget, run, N_non_embedding) or
+    """A CSV/Parquet table: bare final points (N, D, loss; optional C, budget, run, replicate,
+    N_non_embedding) or
     a frame of this loader saved to a file; unreadable, empty or incomplete tables name the file."""
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv", ".txt"):
@@ -237,12 +240,16 @@ def from_table(table: pd.DataFrame, n: str = "total", source: str = "table") -> 
     every row a final point) or a loader frame read back (its N_total, point, included, reason kept)."""
     check_n(n)
     table = table.reset_index(drop=True)
+
+    def column(name: str, default):
+        return table[name] if name in table.columns else default
+
     total = "N_total" if "N_total" in table.columns else "N"
     n_col = total if n == "total" else "N_non_embedding"
     missing = [c for c in dict.fromkeys((n_col, "D", "loss")) if c not in table.columns]
     if missing:
         raise FileError(f"{source} lacks column(s) {missing}; required: N, D, loss "
-                        f"(optional: C, budget, run{', N_non_embedding' if n != 'total' else ''})")
+                        f"(optional: C, budget, run, replicate{', N_non_embedding' if n != 'total' else ''})")
     included = _flags(table["included"], source) if "included" in table.columns else np.ones(len(table), bool)
     if "point" in table.columns:
         odd = ~table["point"].isin(POINTS).to_numpy()
@@ -250,6 +257,11 @@ def from_table(table: pd.DataFrame, n: str = "total", source: str = "table") -> 
             i = int(np.flatnonzero(odd)[0])
             raise FileError(f"{source}: column 'point' must be 'final' or 'eval', but row {i} has "
                             f"{table['point'][i]!r}")
+    replicate = pd.to_numeric(column("replicate", np.zeros(len(table))), errors="coerce")
+    bad = np.flatnonzero(~((replicate >= 0) & (replicate == np.round(replicate))))
+    if len(bad):
+        raise FileError(f"{source}: column 'replicate' must be an integer >= 0 (the seed replicate), but row "
+                        f"{bad[0]} has {table['replicate'][bad[0]]!r}")
     values = {}
     for col in dict.fromkeys((n_col, total, "D", "loss", *(["C"] if "C" in table.columns else []))):
         values[col] = pd.to_numeric(table[col], errors="coerce").to_numpy(np.float64)
@@ -259,12 +271,9 @@ def from_table(table: pd.DataFrame, n: str = "total", source: str = "table") -> 
                             f"{table[col][bad[0]]} ({len(bad)} bad row(s))")
     N, D = values[n_col], values["D"]
     C = values.get("C", 6 * N * D)
-
-    def column(name: str, default):
-        return table[name] if name in table.columns else default
-
     return _frame(pd.DataFrame({
-        "run": column("run", [f"row{i}" for i in range(len(table))]), "point": column("point", "final"),
+        "run": column("run", [f"row{i}" for i in range(len(table))]), "replicate": replicate,
+        "point": column("point", "final"),
         "step": column("step", None), "budget": column("budget", np.nan),
         "status": column("status", "completed"), "schedule": column("schedule", ""),
         "included": included, "reason": column("reason", ""),
@@ -293,3 +302,20 @@ def fit_points(df: pd.DataFrame) -> pd.DataFrame:
     if "C" not in pts.columns:
         pts = pts.assign(C=6 * pts["N"].to_numpy(np.float64) * pts["D"].to_numpy(np.float64))
     return pts
+
+
+def group_budgets(pts: pd.DataFrame, tolerance: float = 0.05) -> np.ndarray:
+    """A budget per point: the sweep's label, or (bare tables) C grouped within a relative tolerance."""
+    if "budget" in pts.columns and np.isfinite(pts["budget"].to_numpy(np.float64)).all():
+        return pts["budget"].to_numpy(np.float64)
+    C = pts["C"].to_numpy(np.float64)
+    order = np.argsort(C)
+    labels = np.empty_like(C)
+    start, members = C[order[0]], []
+    for i in order:
+        if C[i] > start * (1 + tolerance):
+            labels[members] = np.exp(np.mean(np.log(C[members])))
+            start, members = C[i], []
+        members.append(i)
+    labels[members] = np.exp(np.mean(np.log(C[members])))
+    return labels

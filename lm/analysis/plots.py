@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 from lm.analysis import approach3  # noqa: E402
 from lm.analysis.load import fit_points  # noqa: E402
+from lm.analysis.replicates import points, spread  # noqa: E402
 
 
 def _save(fig, out: Path, name: str) -> str:
@@ -24,15 +25,17 @@ def _save(fig, out: Path, name: str) -> str:
 
 
 def isoflop(a2: dict, df: pd.DataFrame, out: Path) -> str:
-    from lm.analysis.approach2 import group_budgets
-
-    pts = fit_points(df)
-    labels = group_budgets(pts)
+    """Loss against N per budget (replicate means, with ± their run-to-run sd where a point has
+    replicates), the fitted parabolas and their minima."""
+    pts, labels, losses = points(df)
+    sd, many = spread(losses), np.isfinite(losses).sum(1) > 1
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(a2["budgets"])))
     for b, color in zip(a2["budgets"], colors, strict=True):
         m = np.isclose(labels, b["C"])
         ax.scatter(pts["N"][m], pts["loss"][m], color=color, s=18)
+        ax.errorbar(pts["N"][m & many], pts["loss"][m & many], yerr=sd[m & many], fmt="none", ecolor=color,
+                    elinewidth=1, capsize=2)
         x = np.linspace(np.log(b["N_min"]) - 0.2, np.log(b["N_max"]) + 0.2, 100)
         ax.plot(np.exp(x), np.polyval(b["parabola"], x), color=color, lw=1,
                 label=f"C = {b['C']:.2g}" + (" (edge)" if b["edge"] else ""))

@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+SHOWN = ("E", "A", "B", "alpha", "beta", "a", "b")  # the fitted parameters the noise table lists
+
 
 def _ci(fit: dict, key: str) -> str:
     return interval((fit.get("ci") or {}).get(key))
@@ -15,6 +17,35 @@ def interval(lo_hi: list | None, fmt: str = ".3g") -> str:
     """`[lo, hi]`, or `—` when there is no interval (skipped, or a failed bootstrap: null or nan)."""
     ok = lo_hi and all(x is not None and math.isfinite(x) for x in lo_hi)
     return f"[{lo_hi[0]:{fmt}}, {lo_hi[1]:{fmt}}]" if ok else "—"
+
+
+def share(x: float | None) -> str:
+    """A share as a percentage, `—` when there is none (null or nan)."""
+    return f"{100 * x:.0f} %" if x is not None and math.isfinite(x) else "—"
+
+
+def noise(fits: dict) -> list[str]:
+    """The run-to-run noise section: the pooled sd overall and per budget, and per fitted parameter its
+    two-stage and points-only intervals and the share run noise makes."""
+    n = fits.get("noise") or {}
+    if "sd" not in n:
+        return ["No seed replicates (config.seeds = 1): run-to-run noise is not measured, and the intervals "
+                "resample points only."]
+    lines = [f"Final eval loss across seed replicates: pooled sd **{n['sd']:.4g}** over {n['points']} "
+             f"points with replicates (up to {n['replicates']} runs each). The fits take each point's "
+             "replicate mean; their bootstrap resamples the points and, within each drawn point, its "
+             "replicates.", "", "| budget C | points with replicates | sd |", "| --- | --- | --- |"]
+    lines += [f"| {b['C']:.3g} | {b['points']} | {b['sd']:.4g} |" for b in n["budgets"]]
+    rows = [(name, k, fit) for name in ("approach2", "approach3") for fit in [fits.get(name) or {}]
+            if "noise_share" in fit for k in SHOWN if k in fit["noise_share"]]
+    if rows:
+        lines += ["", "Share of each 95 % interval from run noise, 1 − (points-only width / two-stage "
+                  "width)²:", "", "| fit | parameter | two-stage 95 % | points only 95 % | from run noise |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name.replace('approach', 'approach ')} | {k} | {_ci(fit, k)} | "
+                  f"{interval(fit['ci_points'].get(k))} | {share(fit['noise_share'][k])} |"
+                  for name, k, fit in rows]
+    return lines
 
 
 def _predictions(preds: list[dict]) -> list[str]:
@@ -74,6 +105,7 @@ def render(fits: dict, df: pd.DataFrame, source: str, figures: list[str]) -> str
             caveat = ", unreliable: see above" if fit.get("warnings") else ""
             lines += ["", f"## Compute-optimal predictions ({name}{caveat})", "",
                       *_predictions(fit["predictions"])]
+    lines += ["", "## Run-to-run noise", "", *noise(fits)]
     left = finals[~finals["included"].astype(bool)]
     lines += ["", "## Runs left out", ""]
     lines += [f"- `{r.run}`: {r.reason}" for r in left.itertuples()] or ["None."]
