@@ -182,6 +182,7 @@ def test_approach1_envelope_on_synthetic_curves():
     true_a = CHINCHILLA["beta"] / (CHINCHILLA["alpha"] + CHINCHILLA["beta"])
     assert fit["a"] == pytest.approx(true_a, abs=0.08)
     assert fit["a"] + fit["b"] == pytest.approx(1.0, abs=1e-6)
+    assert fit["warnings"] == []  # 7 sizes, and the envelope visits at least 4 of them
 
 
 SMALL = {"E": 1.5, "A": 100.0, "B": 1000.0, "alpha": 0.4, "beta": 0.4}  # optimum within the sizes

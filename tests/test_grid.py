@@ -129,6 +129,7 @@ def test_a_config_without_the_grid_section_says_where_to_start():
 def test_approach1_uses_wsd_runs_final_points_not_their_stable_phase():
     """A WSD run's evals before its end are not finished runs: per size its runs' final points are
     the curve. The stable-phase points here are lower than anything else, so using them would show."""
+    from lm.analysis import checks
     from lm.analysis.approach1 import curves, fit_approach1
     from lm.analysis.load import from_table
 
@@ -153,6 +154,7 @@ def test_approach1_uses_wsd_runs_final_points_not_their_stable_phase():
     fit = fit_approach1(df)
     assert fit["runs"] == 4 and min(e["loss"] for e in fit["envelope"]) > 1
     assert {e["N"] for e in fit["envelope"]} <= {1e4, 3e4, 1e5}  # the cosine curve lies above
+    assert fit["warnings"] == checks.envelope([e["N"] for e in fit["envelope"]]) != []  # 3 sizes at most
 
 
 # A micro grid: 3 sizes on 2 lines, 6 runs of 50 to 300 steps (fill budgets: planning tests above).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from lm.analysis import checks
 from lm.analysis.approach2 import power_law
 
 
@@ -54,4 +55,5 @@ def fit_approach1(df: pd.DataFrame, n_grid: int = 40) -> dict:
     C = np.array([e["C"] for e in envelope])
     k_n, a = power_law(C, np.array([e["N"] for e in envelope]))
     k_d, b = power_law(C, np.array([e["D"] for e in envelope]))
-    return {"a": a, "b": b, "k_N": k_n, "k_D": k_d, "envelope": envelope, "runs": len(runs)}
+    return {"a": a, "b": b, "k_N": k_n, "k_D": k_d, "envelope": envelope, "runs": len(runs),
+            "warnings": checks.envelope([e["N"] for e in envelope])}

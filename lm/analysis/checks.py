@@ -11,6 +11,7 @@ import math
 PLAUSIBLE = (0.2, 0.8)
 MIN_BUDGETS = 3  # a power law in C through two budgets has nothing left to check it
 DISAGREE = 2.0  # approaches 2 and 3 whose N_opt at the next budget differ by more than this factor
+MIN_ENVELOPE_SIZES = 4  # approach 1: fewer distinct sizes along the envelope make a staircase
 
 
 def exponents(fit: dict) -> list[str]:
@@ -35,6 +36,16 @@ def budgets(n: int) -> list[str]:
         return []
     return [f"only {n} budget{'s' if n != 1 else ''}: a power law in C needs at least {MIN_BUDGETS} "
             "to be checked, not just drawn through them"]
+
+
+def envelope(sizes: list[float]) -> list[str]:
+    """Approach 1's envelope visits fewer than MIN_ENVELOPE_SIZES sizes: N along it is a staircase of
+    the size ladder's steps, and a power law through it measures where the steps fall, not a trend."""
+    distinct = sorted(set(sizes))
+    if len(distinct) >= MIN_ENVELOPE_SIZES:
+        return []
+    return [f"the envelope visits only {len(distinct)} sizes ({', '.join(f'{n:.3g}' for n in distinct)}): "
+            "a and b trace the size ladder's steps; sizes closer together would resolve the trend"]
 
 
 def extrapolation(C: float, lo: float, hi: float) -> list[str]:

@@ -98,6 +98,7 @@ def render(fits: dict, df: pd.DataFrame, source: str, figures: list[str]) -> str
     if "a" in a1:
         lines += [f"N_opt ∝ C^**{a1['a']:.3f}**, D_opt ∝ C^**{a1['b']:.3f}** along the lower envelope "
                   f"of {a1['runs']} runs' curves ({len(a1['envelope'])} envelope points)."]
+        lines += [f"\n**Unreliable:** {w}." for w in a1.get("warnings", [])]
     else:
         lines += [f"Skipped: {a1.get('skipped', 'not computed')}."]
     for name, fit in (("approach 3", a3), ("approach 2", a2)):
