@@ -121,6 +121,19 @@ def measured_seconds_per_flop(runs: list[Run]) -> float | None:
         return None
 
 
+def sweep_path(flag: str | None, sweep: ml_collections.ConfigDict) -> Path:
+    """--sweep_dir, else the config's, made absolute; an empty flag is an error, not the cwd."""
+    if flag is not None and not flag.strip():
+        raise ConfigError("--sweep_dir is empty: name the sweep directory, or leave the flag "
+                          f"out for the config's ({sweep.sweep_dir})")
+    return Path(flag or sweep.sweep_dir).absolute()
+
+
+def dry_run_rate(runs: list[Run], flops_per_second: float) -> float | None:
+    """Seconds per FLOP for a dry run's estimates: --flops_per_second's, else measured here."""
+    return 1 / flops_per_second if flops_per_second > 0 else measured_seconds_per_flop(runs)
+
+
 def train(sweep_dir: Path, names: list[str], sweep: ml_collections.ConfigDict, runner: str,
           report: Progress, job: str = "") -> None:
     """Train the planned runs `names` of sweep_dir with the runner named (SLURM jobs named `job`,
@@ -187,10 +200,7 @@ def main(argv: list[str]) -> None:
         f = flags.FLAGS
         setup()
         sweep = f.config
-        if f.sweep_dir is not None and not f.sweep_dir.strip():
-            raise ConfigError("--sweep_dir is empty: name the sweep directory, or leave the flag "
-                              f"out for the config's ({sweep.sweep_dir})")
-        sweep_dir = Path(f.sweep_dir or sweep.sweep_dir).absolute()
+        sweep_dir = sweep_path(f.sweep_dir, sweep)
         try:
             launch.validate_slurm(sweep.slurm)
             runs = plan(sweep, sweep_dir)
@@ -211,8 +221,7 @@ def main(argv: list[str]) -> None:
                     if not launch.is_done(sweep_dir, r.name)]
             runner = f.runner or sweep.runner
             if f.dry_run:
-                rate = f.flops_per_second
-                seconds_per_flop = 1 / rate if rate > 0 else measured_seconds_per_flop(runs)
+                seconds_per_flop = dry_run_rate(runs, f.flops_per_second)
                 print(format_plan(runs, seconds_per_flop))
                 if f.validate:
                     saved = sweep_dir / "fits.json"

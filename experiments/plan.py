@@ -80,8 +80,12 @@ def _batch_size(sweep, n_params: int, data_parallel: int) -> int:
     base = sweep.train.data.batch_size
     if sweep.batch_exponent == 0:
         return base
-    scaled = base * (n_params / sweep.batch_ref_params) ** sweep.batch_exponent
-    return max(data_parallel, 2 ** round(math.log2(max(scaled, 1))))
+    return power_of_two(base * (n_params / sweep.batch_ref_params) ** sweep.batch_exponent, data_parallel)
+
+
+def power_of_two(batch: float, data_parallel: int) -> int:
+    """A batch rule's size as the nearest power of two, at least one row per data-parallel shard."""
+    return max(data_parallel, 2 ** round(math.log2(max(batch, 1))))
 
 
 def _integer(x: Any) -> bool:

@@ -19,7 +19,9 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from experiments.plan import Run, lines, plan, sci, trained_flops, validate_sweep
+from experiments.plan import Run, lines, plan, power_of_two, sci, trained_flops, validate_sweep
+from lm.analysis.approach2 import power_law as fit_power_law
+from lm.analysis.approach2 import vertex as parabola_vertex
 from lm.config import ConfigError, fail
 from lm.files import read_json, run_dir, write_json_atomic
 from lm.optim import peak_lr
@@ -87,11 +89,11 @@ def vertex(xs: list[float], ys: list[float]) -> tuple[float, float, str]:
     i = min(range(len(pts)), key=lambda j: pts[j][1])
     if i in (0, len(pts) - 1):
         return *pts[i], "smallest" if i == 0 else "largest"
-    a, b, c = np.polyfit(np.log([x for x, _ in pts[i - 1:i + 2]]), [y for _, y in pts[i - 1:i + 2]], 2)
-    if a <= 0:  # three equal losses: no curvature to place a vertex
+    near = np.array(pts[i - 1:i + 2])  # the best point and its neighbours: (lr, loss) rows
+    x, y, _ = parabola_vertex(np.log(near[:, 0]), near[:, 1])
+    if not math.isfinite(x):  # three equal losses: no curvature to place a vertex
         return *pts[i], ""
-    v = -b / (2 * a)
-    return float(np.exp(v)), float(c - b * b / (4 * a)), ""
+    return float(np.exp(x)), y, ""
 
 
 def power_law(n: list[float], y: list[float]) -> dict[str, float]:
@@ -99,8 +101,8 @@ def power_law(n: list[float], y: list[float]) -> dict[str, float]:
     if len(set(n)) < 2:
         raise ConfigError(f"tuning: optima at {len(set(n))} size(s), and a power law in N needs at "
                           "least 2: tune at a budget with several sizes")
-    e, log_k = np.polyfit(np.log(n), np.log(y), 1)
-    return {"k": float(np.exp(log_k)), "e": float(e)}
+    k, e = fit_power_law(np.array(n, float), np.array(y, float))
+    return {"k": k, "e": e}
 
 
 def law(p: dict[str, float], n: float) -> float:
@@ -218,7 +220,7 @@ def fitted(sweep: ml_collections.ConfigDict, sweep_dir: str | Path, n_params: in
     result = read_fit(tune_dir(sweep, sweep_dir) / FIT)
     lr = law(result["lr"], n_params)
     if result["batch"]:
-        batch = max(data_parallel, 2 ** round(math.log2(max(law(result["batch"], n_params), 1))))
+        batch = power_of_two(law(result["batch"], n_params), data_parallel)
     return lr, batch
 
 
@@ -304,16 +306,13 @@ def main(argv: list[str]) -> None:
 
     def run():
         from experiments import launch
-        from experiments.isoflop import data_warnings, measured_seconds_per_flop
+        from experiments.isoflop import data_warnings, dry_run_rate, sweep_path
         from experiments.plan import format_plan
 
         f = flags.FLAGS
         setup()
         sweep = f.config
-        if f.sweep_dir is not None and not f.sweep_dir.strip():
-            raise ConfigError("--sweep_dir is empty: name the sweep directory, or leave the flag "
-                              f"out for the config's ({sweep.sweep_dir})")
-        sweep_dir = Path(f.sweep_dir or sweep.sweep_dir).absolute()
+        sweep_dir = sweep_path(f.sweep_dir, sweep)
         runner = f.runner or sweep.runner
         try:
             launch.validate_slurm(sweep.slurm)
@@ -321,8 +320,7 @@ def main(argv: list[str]) -> None:
                 runs = tuning_plan(sweep, sweep_dir)
                 for line in data_warnings(sweep, runs):
                     print(line, flush=True)
-                rate = f.flops_per_second
-                print(format_plan(runs, 1 / rate if rate > 0 else measured_seconds_per_flop(runs)))
+                print(format_plan(runs, dry_run_rate(runs, f.flops_per_second)))
                 print(f"fit: {tune_dir(sweep, sweep_dir) / FIT}")
                 return
             result = stage(sweep, sweep_dir, runner)
