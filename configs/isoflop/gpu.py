@@ -48,8 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.slurm.gpus_per_node = 1
     c.slurm.cpus_per_task = 8
     c.slurm.time_min = 12 * 60
-    # Tuning stage: the 7 sizes of the 1e16 budget × 5 peak LRs, 3.5e17 FLOPs (3.5 % of the study,
-    # about 17 min on one H100 at 35 % MFU); then --config.train.optim.lr_rule=fitted.
+    # Tuning stage: the sizes of the smallest budget × 5 peak LRs (cost: docs/experiments.md);
+    # then --config.train.optim.lr_rule=fitted.
     c.tune.n_budgets = 1
     c.tune.lr_factors = (0.25, 0.5, 1.0, 2.0, 4.0)
     return c
