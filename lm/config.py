@@ -34,6 +34,7 @@ def model_defaults() -> ml_collections.ConfigDict:
     m.rope_theta = 10_000.0
     m.norm_eps = 1e-6
     m.init_std = 0.02
+    m.qk_norm = False  # RMSNorm of each head's query and key before the rotary embedding
     m.dtype = "float32"  # compute dtype: "float32" or "bfloat16"; parameters stay float32
     m.remat = "none"  # "none", "full" (recompute each block) or "dots" (save matmul outputs)
     m.attention = "auto"  # "auto" (JAX's choice: XLA today), "xla", "cudnn" (bf16, GPUs), "blockwise"
@@ -186,7 +187,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     if m.attention == "cudnn" and (m.dtype != "bfloat16" or head_dim(m) % 8 or head_dim(m) > 128):
         fail("model.attention", m.attention, "cuDNN flash attention needs model.dtype='bfloat16' "
              f"and a head_dim that is a multiple of 8 up to 128 (it is {head_dim(m)})")
-    boolean(m, "model", ("tied_embeddings", "unroll_layers"))
+    boolean(m, "model", ("tied_embeddings", "unroll_layers", "qk_norm"))
     finite(m, "model", ("rope_theta", "norm_eps", "init_std"))
 def mesh_shape(shape: Iterable[int], n_devices: int) -> tuple[int, int, int]:
     """Resolve a (data, fsdp, tensor) shape with at most one -1 against the device count."""

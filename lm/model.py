@@ -1,6 +1,6 @@
 """Decoder-only transformer in Flax NNX with logical axis names on every parameter.
 
-Pre-norm RMSNorm blocks, rotary positions, causal attention (`lm.attention`), GELU or SwiGLU
+Pre-norm RMSNorm blocks, rotary positions, causal attention (`lm.attention`; optionally QK-norm), GELU or SwiGLU
 MLP, optional tied embeddings. The layers' parameters are stacked on a leading `layers` axis
 and applied with `jax.lax.scan`, so compile time does not grow with depth. Parameters are
 float32; compute uses `model.dtype`. The projections, GELU and attention are the primitives
@@ -44,6 +44,9 @@ class Transformer(nnx.Module):
             "layers", "embed", "mlp")
         self.embed = _param(rngs.params(), (v, d), ("vocab", "embed"), std)
         self.attn_norm = _param(None, (n_layers, d), ("layers", "norm"), 0)
+        if cfg.qk_norm:
+            self.q_norm = _param(None, (n_layers, k), ("layers", "norm"), 0)
+            self.k_norm = _param(None, (n_layers, k), ("layers", "norm"), 0)
         self.wqkv = _param(rngs.params(), (n_layers, d, 3, h, k),
                            ("layers", "embed", "qkv", "heads", "kv"), std)
         self.wo = _param(rngs.params(), (n_layers, h, k, d), ("layers", "heads", "kv", "embed"),
@@ -57,7 +60,8 @@ class Transformer(nnx.Module):
 
     def layer_params(self) -> Params:
         """The stacked per-layer parameters, as a dict the scan slices along axis 0."""
-        names = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_in", "w_out")
+        names = ("attn_norm", "wqkv", "wo", "mlp_norm", "w_in", "w_out") + (
+            ("q_norm", "k_norm") if self.cfg.qk_norm else ())
         return {name: getattr(self, name)[...] for name in names}
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -106,7 +110,7 @@ class Transformer(nnx.Module):
 
         def body(x, layer):
             p, k_cache, v_cache = layer
-            q, k, v = split_rope(qkv_proj(cfg, ops, p, x), sin, cos)
+            q, k, v = split_rope(cfg, p, qkv_proj(cfg, ops, p, x), sin, cos)
             k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), t, 1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), t, 1)
             scores = jnp.einsum("bhk,bshk->bhs", q[:, 0], k_cache,
@@ -147,10 +151,14 @@ def qkv_proj(cfg, ops: kernels.Ops, p: Params, x: jax.Array) -> jax.Array:
     return ops.dense(h, p["wqkv"].astype(x.dtype))
 
 
-def split_rope(qkv: jax.Array, sin: jax.Array, cos: jax.Array):
-    """qkv -> rotated q, k and v [batch, length, heads, head_dim]."""
+def split_rope(cfg, p: Params, qkv: jax.Array, sin: jax.Array, cos: jax.Array):
+    """qkv -> rotated q, k (each head's normed first with `qk_norm`) and v [batch, length, heads,
+    head_dim]. The norm bounds the attention logits, which otherwise grow at high learning rates
+    (Dehghani et al. 2023; Wortsman et al. 2023)."""
     # split, not indexing: its gradient is one concatenate (indexing's is three padded adds)
     q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     return apply_rope(q, sin, cos), apply_rope(k, sin, cos), v
 
 
@@ -169,7 +177,7 @@ def mlp(cfg, ops: kernels.Ops, p: Params, x: jax.Array) -> jax.Array:
 def block(cfg, ops: kernels.Ops, p: Params, x: jax.Array, sin: jax.Array, cos: jax.Array,
           ) -> jax.Array:
     """One pre-norm transformer block over a full (causal) sequence."""
-    q, k, v = split_rope(qkv_proj(cfg, ops, p, x), sin, cos)
+    q, k, v = split_rope(cfg, p, qkv_proj(cfg, ops, p, x), sin, cos)
     q = constrain(q, ("batch", "length", "heads", "kv"))
     o = ops.attention(q, k, v, cfg.attention)
     x = x + ops.dense(o, p["wo"].astype(x.dtype), 2)

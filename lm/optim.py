@@ -13,7 +13,7 @@ import optax
 
 from lm.config import fail
 
-NO_DECAY = ("attn_norm", "mlp_norm", "final_norm")  # norms (the model has no biases)
+NO_DECAY = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")  # norms (the model has no biases)
 EMBEDDINGS = ("embed", "unembed")
 
 

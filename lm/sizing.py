@@ -24,8 +24,10 @@ class ParamCount:
 
 def count_params(m: ml_collections.ConfigDict) -> ParamCount:
     """Parameters of `lm.model.Transformer` for this config (no biases anywhere)."""
-    return _count(m.d_model, m.n_layers, m.n_heads * head_dim(m), m.d_ff, m.vocab_size,
-                  m.activation == "swiglu", m.tied_embeddings)
+    count = _count(m.d_model, m.n_layers, m.n_heads * head_dim(m), m.d_ff, m.vocab_size,
+                   m.activation == "swiglu", m.tied_embeddings)
+    qk = 2 * m.n_layers * head_dim(m) if m.qk_norm else 0  # query and key norm scales
+    return ParamCount(total=count.total + qk, embedding=count.embedding)
 
 
 def _count(d: int, n_layers: int, hk: int, f: int, v: int, swiglu: bool, tied: bool,

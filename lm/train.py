@@ -289,7 +289,7 @@ def init_point(config: ml_collections.ConfigDict) -> InitPoint:
         raise FileError(f"{saved}: 'model' is not a JSON object")
     ours = json.loads(config.model.to_json())
     shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff",
-                  "activation", "tied_embeddings")
+                  "activation", "tied_embeddings", "qk_norm")
     diff = {k: (theirs.get(k), ours[k]) for k in shape_keys if theirs.get(k) != ours[k]}
     if diff:
         raise ConfigError(

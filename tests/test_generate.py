@@ -9,18 +9,24 @@ from lm.config import ConfigError
 from lm.generate import filter_logits, generate, make_decoder
 
 
-@pytest.fixture
-def trained_like(tiny_model):
+def _sharpened(cfg):
     """A random tiny model with a sharper output layer, so greedy paths are not all ties."""
-    model = model_lib.Transformer(tiny_model, rngs=nnx.Rngs(1))
+    model = model_lib.Transformer(cfg, rngs=nnx.Rngs(1))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     params["unembed"] = params["unembed"] * 50
     return graphdef, params
 
 
-def test_cached_decoding_equals_full_forward(trained_like):
-    graphdef, params = trained_like
+@pytest.fixture
+def trained_like(tiny_model):
+    return _sharpened(tiny_model)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cached_decoding_equals_full_forward(tiny_model, qk_norm):
+    tiny_model.qk_norm = qk_norm
+    graphdef, params = _sharpened(tiny_model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (3, 20)), jnp.int32)
     full = model_lib.apply(graphdef, params, tokens)
     step = make_decoder(graphdef, 0.0, 0, 1.0)

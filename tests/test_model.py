@@ -29,11 +29,12 @@ def test_causality(tiny_model):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("shape", [(32, 1, 2, 64, 0), (48, 3, 3, 96, 0), (64, 2, 2, 128, 16)])
-def test_param_count_matches_tree(tiny_model, activation, tied, shape):
+@pytest.mark.parametrize("shape,qk_norm", [
+    ((32, 1, 2, 64, 0), False), ((48, 3, 3, 96, 0), True), ((64, 2, 2, 128, 16), True)])
+def test_param_count_matches_tree(tiny_model, activation, tied, shape, qk_norm):
     cfg = tiny_model
     cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.head_dim = shape
-    cfg.activation, cfg.tied_embeddings = activation, tied
+    cfg.activation, cfg.tied_embeddings, cfg.qk_norm = activation, tied, qk_norm
     _, params, _ = model_lib.abstract_model(cfg)
     leaves = jax.tree.leaves(params)
     assert count_params(cfg).total == sum(int(np.prod(x.shape)) for x in leaves)
@@ -58,6 +59,21 @@ def test_remat_and_bfloat16_logits_match_float32(tiny_model):
     out = _forward(tiny_model, tokens)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref, atol=0.1)
+
+
+def test_qk_norm_bounds_the_attention_logits(tiny_model):
+    """With qk_norm, scaling wqkv's query and key columns changes nothing (each head's q and k
+    are normed before the logits); without it the logits scale and the output moves."""
+    tokens = jnp.arange(32).reshape(2, 16) % tiny_model.vocab_size
+    for qk_norm in (True, False):
+        tiny_model.qk_norm = qk_norm
+        graphdef, state = nnx.split(model_lib.Transformer(tiny_model, rngs=nnx.Rngs(0)))
+        params = nnx.to_pure_dict(state)
+        scaled = dict(params, wqkv=params["wqkv"] * jnp.array([30.0, 30.0, 1.0])[:, None, None])
+        same = np.allclose(model_lib.apply(graphdef, scaled, tokens),
+                           model_lib.apply(graphdef, params, tokens), atol=1e-4)
+        assert same == qk_norm
+        assert ("q_norm" in params) == qk_norm
 
 
 def test_tied_embeddings_share_the_matrix(tiny_model):
