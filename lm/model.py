@@ -1,10 +1,11 @@
 """Decoder-only transformer in Flax NNX with logical axis names on every parameter.
 
-Pre-norm RMSNorm blocks, rotary positions, causal attention (`lm.attention`; optionally QK-norm), GELU or SwiGLU
-MLP, optional tied embeddings. The layers' parameters are stacked on a leading `layers` axis
-and applied with `jax.lax.scan`, so compile time does not grow with depth. Parameters are
-float32; compute uses `model.dtype`. The projections, GELU and attention are the primitives
-of `lm.kernels.select(cfg)`: plain JAX unless `model.kernels` swaps in the CPU forms.
+Pre-norm RMSNorm blocks, rotary positions, causal attention (`lm.attention`; optionally
+QK-norm), GELU or SwiGLU MLP, optional tied embeddings. The layers' parameters are stacked
+on a leading `layers` axis and applied with `jax.lax.scan`, so compile time does not grow
+with depth. Parameters are float32; compute uses `model.dtype`. The projections, GELU and
+attention are the primitives of `lm.kernels.select(cfg)`: plain JAX unless `model.kernels`
+swaps in the CPU forms.
 """
 
 from __future__ import annotations
