@@ -1,7 +1,9 @@
 """IsoFLOP sweep, end to end: `python -m experiments.isoflop [--config=...] [--sweep_dir=...]`.
 
-Plans the runs (pure), writes plan.json, trains what is missing (skipping completed runs,
-resuming interrupted ones), then runs `lm.analysis` on what completed and prints the headline:
+With `train.optim.lr_rule="fitted"` it first runs the tuning stage (experiments/tune.py; a
+no-op refit once its runs are done, so tuning happens once and is reused). Plans the runs
+(pure), writes plan.json, trains what is missing (skipping completed runs, resuming
+interrupted ones), then runs `lm.analysis` on what completed and prints the headline:
 the fitted exponents with intervals and the optimum at the next budget up. Runs that did not
 finish are listed with why (SWEEP/status.json), and the exit status is then 1. With --validate,
 approach 3's predicted optimum at a budget beyond the sweep is then trained and its loss held
@@ -146,6 +148,29 @@ def train(sweep_dir: Path, names: list[str], sweep: ml_collections.ConfigDict, r
         launch.run_slurm(sweep_dir, names, sweep.slurm, job or sweep.name, report)
 
 
+def tuned_first(sweep: ml_collections.ConfigDict, sweep_dir: Path, runner: str, dry_run: bool,
+                flops_per_second: float = 0.0) -> bool:
+    """With lr_rule 'fitted': the tuning stage, trained where runs are missing and fitted (its
+    summary printed), before the sweep plans from the fit; True when the sweep must stop here (a
+    dry run before the fit exists: the tuning plan is printed instead)."""
+    if sweep.train.optim.lr_rule != "fitted":
+        return False
+    fit = tune.tune_dir(sweep, sweep_dir) / tune.FIT
+    if dry_run:
+        if fit.exists():
+            return False
+        runs = tune.tuning_plan(sweep, sweep_dir)
+        print(format_plan(runs, dry_run_rate(runs, flops_per_second)))
+        print(f"the sweep plans from the tuning fit ({fit}), which these tuning runs make "
+              "first: its plan shows once they are done", flush=True)
+        return True
+    result = tune.stage(sweep, sweep_dir, runner)
+    if result is None:
+        sys.exit(1)
+    print(tune.summary(result, fit.parent), flush=True)
+    return False
+
+
 def validate_law(sweep_dir: Path, sweep: ml_collections.ConfigDict, a3: dict, runner: str) -> bool:
     """--validate: train approach 3's optimum beyond the sweep as a sweep of one run (a rerun reuses
     it), then compare and record; False when it did not finish."""
@@ -201,8 +226,12 @@ def main(argv: list[str]) -> None:
         setup()
         sweep = f.config
         sweep_dir = sweep_path(f.sweep_dir, sweep)
+        runner = f.runner or sweep.runner
         try:
             launch.validate_slurm(sweep.slurm)
+            if tuned_first(sweep, sweep_dir, runner, f.dry_run or bool(f.preflight),
+                           f.flops_per_second):
+                return
             runs = plan(sweep, sweep_dir)
             if f.validate:
                 validate.check_options(sweep, f.analyse)
@@ -219,7 +248,6 @@ def main(argv: list[str]) -> None:
             todo = [r.name for r in sorted(runs, key=lambda r: (r.after is not None,
                                                                 -trained_flops(r)))
                     if not launch.is_done(sweep_dir, r.name)]
-            runner = f.runner or sweep.runner
             if f.dry_run:
                 seconds_per_flop = dry_run_rate(runs, f.flops_per_second)
                 print(format_plan(runs, seconds_per_flop))

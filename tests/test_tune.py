@@ -169,3 +169,30 @@ def test_the_stage_fits_written_results_idempotently_and_the_sweep_uses_the_fit(
     for r in plan(c, tmp_path):
         assert tune.learning_rate(r) == pytest.approx(tune.law(result["lr"], r.n_params))
 
+
+
+def test_the_sweep_command_tunes_first_once_and_a_dry_run_shows_the_tuning_plan(tmp_path, capsys):
+    """isoflop with lr_rule 'fitted': before the fit exists a dry run prints the tuning plan and
+    stops; a real run fits the (here written) tuning results first, then plans from the fit; a
+    rerun refits the same results (tuning is done once and reused)."""
+    from experiments.isoflop import tuned_first
+
+    c = tiny.get_config()
+    c.train.optim.lr_rule = "fitted"
+    assert tuned_first(c, tmp_path, "local", dry_run=True, flops_per_second=1e9)
+    out = capsys.readouterr().out
+    assert "T3e11-N1.4e4-lr" in out and "the sweep plans from the tuning fit" in out
+    assert not (tmp_path / "tune" / "fit.json").exists()
+    for r in tune.tuning_plan(c, tmp_path):
+        write_json_atomic(run_dir(tmp_path / "tune", r.name) / "result.json", {
+            "status": "completed", "eval_loss": surface(r.n_params, tune.learning_rate(r))})
+    assert not tuned_first(c, tmp_path, "local", dry_run=False)
+    assert "lr_opt = 2 × N^-0.400" in capsys.readouterr().out
+    fit = (tmp_path / "tune" / "fit.json").read_text()
+    assert not tuned_first(c, tmp_path, "local", dry_run=True)  # the fit exists: the sweep's plan
+    assert not tuned_first(c, tmp_path, "local", dry_run=False)
+    assert "25 runs, 25 already done" in capsys.readouterr().out
+    assert (tmp_path / "tune" / "fit.json").read_text() == fit
+    c.train.optim.lr_rule = "inverse_width"
+    assert not tuned_first(c, tmp_path, "local", dry_run=False)
+    assert capsys.readouterr().out == ""
