@@ -196,8 +196,16 @@ class Checkpointer:
         return out["state"]["params"]
 
     def close(self) -> None:
+        """Wait for the last save, then close the manager. A save that failed is a FileError, and
+        the manager is closed all the same (its threads and event loops end with it)."""
+        try:
+            with self._failing_saves():
+                self.manager.wait_until_finished()
+        except FileError:
+            with contextlib.suppress(Exception):  # the failed save is what gets reported
+                self.manager.close()
+            raise
         with self._failing_saves():
-            self.manager.wait_until_finished()
             self.manager.close()
 
 

@@ -141,8 +141,9 @@ class MetricsWriter:
 
             # Files sort by the second they open in, then by this suffix: a file opened later,
             # by this process or a restart within the same second, sorts after the earlier ones.
-            self.tb = SummaryWriter(str(self.logdir), purge_step=self.purge, flush_secs=30,
-                                    filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+            with naming(self.logdir):
+                self.tb = SummaryWriter(str(self.logdir), purge_step=self.purge, flush_secs=30,
+                                        filename_suffix=f".{time.time_ns()}.{os.getpid()}")
             self.purge = None
         return self.tb
 
@@ -155,7 +156,8 @@ class MetricsWriter:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float) and self.written.get(key, -1) < step:
-                self._events().add_scalar(key, value, step)
+                with naming(self.logdir):
+                    self._events().add_scalar(key, value, step)
                 self.written[key] = step
 
     def flush(self) -> None:
@@ -165,9 +167,12 @@ class MetricsWriter:
         self.close()
 
     def close(self) -> None:
+        """Close the event file; a failure (a full disk) is an OSError naming the TensorBoard
+        directory, and the writer is closed all the same (the next write opens a new file)."""
         if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+            tb, self.tb = self.tb, None
+            with naming(self.logdir):
+                tb.close()
 
 
 def format_duration(seconds: float) -> str:

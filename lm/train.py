@@ -170,23 +170,51 @@ def has_checkpoints(workdir: Path) -> bool:
     return any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
 
 
+def follow_process_0(error: str) -> str:
+    """Process 0's refusal (a one-line message, '' for none) on every process of the run, so all
+    of them stop with the same error, or go on together (no process waits on one that left)."""
+    if jax.process_count() == 1:
+        return error
+    from jax.experimental import multihost_utils
+
+    message = np.frombuffer(error.encode(), np.uint8) if jax.process_index() == 0 else None
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(0 if message is None else message.size)))
+    if not size:
+        return ""
+    if message is None:
+        message = np.zeros(size, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(message), np.uint8)).decode()
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
     """Hold the run's `RunLock` (process 0) for the block: one process trains a run at a time.
 
+    Process 0 takes the lock and every process follows its verdict: a lock held elsewhere (or a
+    lock file it cannot write) is the same one-line error on all of them.
     Re-entrant, so a sweep worker that holds it already (`experiments.launch.run_one`) goes on.
     """
-    if jax.process_index() != 0:
-        yield
-        return
-    lock = RunLock(workdir)
-    if not lock.acquire():
-        raise FileError(f"{workdir} is being trained by {lock.holder()} (lock file {lock.path}); "
-                        "wait for that run to end, or use another workdir")
+    lock, error, failure = None, "", None
+    if jax.process_index() == 0:
+        lock = RunLock(workdir)
+        try:
+            if not lock.acquire():
+                error = (f"{workdir} is being trained by {lock.holder()} (lock file {lock.path}); "
+                         "wait for that run to end, or use another workdir")
+                lock = None
+        except OSError as e:  # the lock file cannot be written: a read-only or full workdir
+            lock, failure = None, e
+            error = f"{e.filename}: {e.strerror}" if e.filename is not None else f"{workdir}: {e}"
+    error = follow_process_0(error)
+    if failure is not None and failure.filename is not None:
+        raise failure  # process 0: lm.cli says which path, and why
+    if error:
+        raise FileError(error)
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def prepare_workdir(workdir: Path, config: ml_collections.ConfigDict, wipe: bool) -> None:
@@ -523,6 +551,28 @@ class Run:
         }
 
 
+@contextlib.contextmanager
+def closing_all(*closers) -> Iterator[None]:
+    """Call every one of `closers` after the block, even when one fails. An error the block
+    raised wins: a close failing in its wake (a full disk fails the checkpoint's save, then the
+    TensorBoard file's close) must not mask it. Otherwise the first close error is raised."""
+    try:
+        yield
+    except BaseException:
+        for close in closers:
+            with contextlib.suppress(Exception):
+                close()
+        raise
+    first = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the others are closed, then it is raised
+            first = first or e
+    if first is not None:
+        raise first
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: bool = False,
           ) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the result dict also saved as result.json.
@@ -542,13 +592,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, overwrite: boo
         run = Run(config, workdir, dataset, init)
         run.announce()
         preemption = Preemption()
-        try:
+        with closing_all(preemption.restore, run.ckpt.close, run.writer.close):
             run.loop(preemption)
             result = run.result()
-        finally:
-            preemption.restore()
-            run.ckpt.close()
-            run.writer.close()
         if run.is_main:
             write_json_atomic(workdir / "result.json", result)
             print(f"{result['status']}: {result['steps']} steps, train loss {result['train_loss']:.4f}, "

@@ -113,3 +113,34 @@ def test_two_processes_preempt_resume_and_restore_on_another_mesh(config, tmp_pa
     a, b = load_run(saved)[2], load_run(moved)[2]
     for k in a:
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_held_lock_stops_every_process_in_one_line(config, tmp_path):
+    """While another live process (here, pytest itself) holds the workdir's lock, both processes
+    of a two-process run stop promptly with the same one-line error: process 1 follows process 0's
+    verdict instead of waiting for it in a collective until Gloo's deadline."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / ".lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+    port = _free_port()
+    start = time.time()
+    procs = [subprocess.Popen(
+        _train_cmd(config, workdir, "(1,8,1)", [f"--coordinator_address=localhost:{port}",
+                                                "--num_processes=2", f"--process_id={i}"]),
+        cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert time.time() - start < 60, outs
+    expected = f"error: {workdir} is being trained by pid {os.getpid()} on {socket.gethostname()}"
+    for out in outs:
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(expected), out
+        assert "Traceback" not in out, out
+    assert [p.name for p in workdir.iterdir()] == [".lock"]

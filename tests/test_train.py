@@ -336,6 +336,49 @@ def test_an_unwritable_workdir_is_one_line_naming_the_path(config, tmp_path, mon
     assert [p.name for p in workdir.iterdir()] == []
 
 
+def test_a_full_disk_mid_run_is_one_line_naming_the_checkpoints(config, tmp_path, monkeypatch):
+    """The disk fills up during training: the checkpoint's save fails, then so does closing the
+    TensorBoard file. The save's error, naming the checkpoint directory, is the one line."""
+    import orbax.checkpoint as ocp
+    import tensorboardX
+
+    from lm import cli
+    from lm.train import train
+
+    config.train.steps, config.train.log_every, config.train.eval_every = 20, 5, 20
+    config.train.checkpoint_every = 5
+    workdir = tmp_path / "run"
+    full, saves = [], []
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, *args, **kwargs):
+        saves.append(args[0])
+        if len(saves) > 1:  # the second checkpoint finds the disk full
+            full.append(True)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, *args, **kwargs)
+
+    def no_space(real):
+        def write(self, *args, **kwargs):
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(self, *args, **kwargs)
+        return write
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    for name in ("flush", "close"):
+        monkeypatch.setattr(tensorboardX.SummaryWriter, name,
+                            no_space(getattr(tensorboardX.SummaryWriter, name)))
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: train(config, workdir), ["lm.train"])
+    assert saves == [5, 10] and full
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"error: {workdir / 'checkpoints'}: saving the checkpoint of step 10 "
+                              "failed: "), message
+    assert "No space left on device" in message
+
+
 def test_nan_marks_run_diverged_and_keeps_checkpoint(config, reference, tmp_path, monkeypatch):
     from lm import model
     from lm.train import train
