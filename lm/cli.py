@@ -27,6 +27,7 @@ def _unknown_key(e: Exception) -> str:
     """ml_collections' message for a missing key, with its did-you-mean, on one line."""
     text = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\n", " ")
     key, _, hint = text.replace("\\'", "'").partition(" Did you mean")
+    key = repr(key.strip().strip("'\""))
     return f"{key} (did you mean{hint[:-1]}?)" if hint else key
 
 

@@ -172,6 +172,21 @@ def test_approach2_groups_a_bare_table_by_flops_and_flags_edge_minima():
     assert fit["a"] == pytest.approx(0.5, abs=1e-6)  # the edge budget is left out of the power law
 
 
+def test_approach2_says_why_a_bare_table_of_real_runs_has_one_point_per_budget():
+    """Real runs' C = 6ND differs a little within a budget (here by 8 % steps): grouped by C within
+    the 5 % tolerance every row is its own budget, and the skip says so and what to do."""
+    rows = []
+    for C in (1e19, 1e20):
+        for k, N in enumerate(np.geomspace(1e7, 1e9, 5) * C / 1e19):
+            rows.append({"N": N, "D": C * 1.08 ** (k - 2) / (6 * N), "loss": 2 + 0.05 * np.log(N / 1e8) ** 2})
+    df = analysis.from_table(pd.DataFrame(rows))
+    fit = fit_approach2(df)
+    assert fit["skipped"] == ("every budget has a single point: rows are grouped into budgets by C within "
+                              "tolerance 5 % (C defaults to 6ND); add a budget column (each row's nominal "
+                              "C) or raise --tolerance"), fit["skipped"]
+    assert "a" in fit_approach2(df, tolerance=0.4)  # the budgets found again: the fit runs
+
+
 def test_approach1_envelope_on_synthetic_curves():
     rows = []
     for N in np.geomspace(1e6, 1e9, 7):

@@ -20,6 +20,8 @@ def run(cwd, module: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("module, args, message", [
     ("lm.generate", ["--workdir=nowhere", "--prompt=a", "--temperature=-1"],
      "temperature = -1.0 is not allowed: must be a finite number >= 0 (0 is greedy)"),
+    ("lm.generate", ["--workdir=nowhere", "--prompt=a", "--num_samples=0"],
+     "num_samples = 0 is not allowed: must be a positive integer"),
     ("lm.evaluate", ["--workdir=nowhere", "--max_batches=-1"],
      "max_batches = -1 is not allowed: must be >= 0 (0: the run's data.eval_batches)"),
     ("lm.bench", ["--what=fit", "--steps=3"],

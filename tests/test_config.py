@@ -112,6 +112,9 @@ def test_every_bad_override_names_its_field(changes, message):
 @pytest.mark.parametrize("flag, message", [
     ("--config.model.d_modell=64",
      r"""error: unknown config key 'd_modell' \(did you mean "d_model" instead of "d_modell"\?\)"""),
+    ("--config.foo.bar=1", r"error: unknown config key 'foo'$"),  # no close match: no hint
+    ("--config.mdel.x=1",
+     r"""error: unknown config key 'mdel' \(did you mean "model" instead of "mdel"\?\)"""),
     ("--config=FINETUNE:no-such-run",
      r"error: no-such-run/config.json does not exist: RUN_DIR must be the workdir of a trained run"),
 ])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm.config import ConfigError
-from lm.data import DataError, build_dataset, shards, to_global
+from lm.data import DataError, build_dataset, shards, sources, to_global
 from lm.data.sources import unit_hash
 
 from .conftest import ROOT, data_config, run_python
@@ -179,3 +180,20 @@ def test_a_full_disk_is_one_data_error_naming_the_cache(tmp_path, monkeypatch):
         in message, message
     monkeypatch.undo()  # space freed: no shard was finished, so the next start tokenizes afresh
     assert build_dataset(data_config(tmp_path)).info["train"]["shards"] == 1
+
+
+def test_a_full_disk_while_building_the_corpus_is_one_data_error(tmp_path, monkeypatch):
+    """tfds's ArrayRecord writer reports a full disk as a RuntimeError, not an OSError: it too is one
+    DataError naming the data_dir, and tfds leaves no incomplete.* folder behind."""
+    def full(self, *args, **kwargs):
+        Path(self.data_dir, "train.array_record-00000-of-00001").write_bytes(b"partial")
+        raise RuntimeError('Failed to finalize writing of split "train": write() failed: '
+                           'No space left on device')
+
+    monkeypatch.setattr(sources.LmStdlib, "_download_and_prepare", full)
+    with pytest.raises(DataError) as e:
+        build_dataset(data_config(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path}: No space left on device (writing dataset "
+                                                      "lm_stdlib/"), message
+    assert not [p for p in tmp_path.rglob("*") if "incomplete" in p.name], list(tmp_path.rglob("*"))

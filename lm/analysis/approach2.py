@@ -10,6 +10,7 @@ import pandas as pd
 
 from lm.analysis import checks
 from lm.analysis.bootstrap import noise_share, percentile_ci, replicate_means, second_stage
+from lm.analysis.load import labelled
 from lm.analysis.replicates import points, replicated
 
 MIN_POINTS = 3  # a parabola needs three distinct sizes
@@ -90,7 +91,8 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
             groups.append((C, log_n[m], loss[m], log_ratio[m]))
             reps.append(losses[m])
     if not groups:
-        return {"skipped": "no budget has 3 distinct model sizes", "budgets_skipped": skipped}
+        return {"skipped": _single_points(pts, labels, tolerance) or "no budget has 3 distinct model sizes",
+                "budgets_skipped": skipped}
     profiles = _profiles(groups)
     for b in profiles:
         if b["edge"]:
@@ -101,6 +103,8 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
     laws = _laws(profiles)
     if laws is None:
         fit["skipped"] = "power laws need at least two budgets"
+        if hint := _single_points(pts, labels, tolerance):
+            fit["skipped"] += f" ({hint})"
         return fit
     fit.update(laws)
     fit["predictions"] = [prediction(fit, C) for C in budgets]
@@ -111,6 +115,21 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
         [f"the power laws go through edge minima (budgets {', '.join(edges)}), vertices outside the "
          "sampled sizes"] if edges else [])
     return fit
+
+
+def _single_points(pts: pd.DataFrame, labels: np.ndarray, tolerance: float) -> str | None:
+    """Why a table grouped by C has too few budgets to fit, when most of its budgets hold a single
+    point (each row's C differs a little, e.g. real runs' 6ND); None otherwise."""
+    if labelled(pts) or len(labels) < 2:
+        return None
+    counts = np.unique(labels, return_counts=True)[1]
+    singles = int((counts == 1).sum())
+    if singles * 2 <= len(counts):
+        return None
+    which = "every budget has" if singles == len(counts) else f"{singles} of {len(counts)} budgets have"
+    return (f"{which} a single point: rows are grouped into budgets by C within tolerance "
+            f"{100 * tolerance:.3g} % (C defaults to 6ND); add a budget column (each row's nominal C) "
+            "or raise --tolerance")
 
 
 def _intervals(fit: dict, groups: list, reps: list[np.ndarray], n: int, seed: int) -> None:

@@ -304,9 +304,14 @@ def fit_points(df: pd.DataFrame) -> pd.DataFrame:
     return pts
 
 
+def labelled(pts: pd.DataFrame) -> bool:
+    """Whether every point carries its budget label (else budgets are C grouped within a tolerance)."""
+    return "budget" in pts.columns and bool(np.isfinite(pts["budget"].to_numpy(np.float64)).all())
+
+
 def group_budgets(pts: pd.DataFrame, tolerance: float = 0.05) -> np.ndarray:
     """A budget per point: the sweep's label, or (bare tables) C grouped within a relative tolerance."""
-    if "budget" in pts.columns and np.isfinite(pts["budget"].to_numpy(np.float64)).all():
+    if labelled(pts):
         return pts["budget"].to_numpy(np.float64)
     C = pts["C"].to_numpy(np.float64)
     order = np.argsort(C)

@@ -40,9 +40,22 @@ def writing(what: str, path: Path) -> Iterator[None]:
     DataError naming the path, the reason and what was being written."""
     try:
         yield
+    except DataError:  # already one line (a nested write), and a ValueError itself
+        raise
     except OSError as e:
-        raise DataError(f"{e.filename or path}: {e.strerror or e} (writing {what}; data.data_dir, "
-                        "else $LM_DATA_DIR, must be a writable folder with free space)") from None
+        raise DataError(f"{e.filename or path}: {e.strerror or e} ({_must_be_writable(what)})") from None
+    except (RuntimeError, ValueError) as e:  # array_record (tfds's writer) reports ENOSPC as these
+        reason = next((r for r in _WRITE_REFUSALS if r in str(e)), None)
+        if reason is None:
+            raise
+        raise DataError(f"{path}: {reason} ({_must_be_writable(what)})") from None
+
+
+_WRITE_REFUSALS = ("No space left on device", "Read-only file system")
+
+
+def _must_be_writable(what: str) -> str:
+    return f"writing {what}; data.data_dir, else $LM_DATA_DIR, must be a writable folder with free space"
 
 
 def expected_vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
