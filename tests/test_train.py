@@ -476,3 +476,18 @@ def test_width_rule_and_decay_mask():
     assert optim.peak_lr(c, 16) == pytest.approx(2e-2)  # capped
     mask = optim.decay_mask({"embed": 0, "wqkv": 0, "attn_norm": 0, "final_norm": 0}, False)
     assert mask == {"embed": False, "wqkv": True, "attn_norm": False, "final_norm": False}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_every_stop_signal_asks_for_a_save_at_the_next_boundary(sig):
+    """USR2 (the time limit), SIGTERM (preemption) and SIGINT each set the flag the loop polls (the
+    end-to-end save and exact resume are test_exact_resume_after_sigterm_then_sigkill's), keep the
+    signal for submitit, and the handlers before are back after."""
+    from lm.train import Preemption
+
+    before = signal.getsignal(sig)
+    p = Preemption()
+    os.kill(os.getpid(), sig)
+    assert p.requested and Preemption.received == sig
+    p.restore()
+    assert signal.getsignal(sig) is before
