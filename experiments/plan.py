@@ -109,6 +109,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sizes_per_budget": (lambda v: _integer(v) and v > 0, "must be a positive integer"),
     "seeds": (lambda v: _integer(v) and v >= 1, "must be an integer >= 1: runs per planned point, each "
               "with its own initialisation and data order (1: no replicates)"),
+    "seeds_budgets": (lambda v: _integer(v) and v >= 0, "must be an integer >= 0: how many of the smallest "
+                      "budgets get config.seeds replicates (0: every budget)"),
     "size_span": (lambda v: _real(v) and v > 1, "must be > 1 (largest / smallest generated size)"),
     "tokens_per_param": (lambda v: _real(v) and v > 0, "must be > 0 (where generated sizes centre)"),
     "aspect_ratio": (lambda v: _real(v) and v > 0, "must be > 0 (d_model / n_layers of generated sizes)"),
@@ -200,6 +202,9 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
              "and each budget's line holds those in its window")
     for i, spec in enumerate(shapes):
         parse_shapes(spec, f"shapes[{i}]")
+    if sweep.seeds_budgets and sweep.mode == "grid":
+        fail("seeds_budgets", sweep.seeds_budgets, "must be 0 in grid mode: every trunk serves every "
+             "budget's line, so its replicates do too")
     validate_config(_field(sweep, "train"), "")
 
 
@@ -337,7 +342,7 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
                 n_params=pc.total, n_params_non_embedding=pc.non_embedding, tokens=tokens,
                 flops=tokens * flops_per_token(m, seq), flops_6nd=tokens * flops_per_token_6n(m),
                 workdir=str(run_dir(sweep_dir, name))))
-    runs = [rep for r in runs for rep in replicas(r, sweep.seeds, sweep_dir)]
+    runs = [rep for r in runs for rep in replicas(r, seeds_at(sweep, r.budget), sweep_dir)]
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"two runs share a name: {sorted({n for n in names if names.count(n) > 1})}")
@@ -345,6 +350,14 @@ def plan(sweep: ml_collections.ConfigDict, sweep_dir: str | Path = "",
     for r in runs:
         validate_config(r.config, f"run {r.name} as planned: ")
     return runs
+
+
+def seeds_at(sweep: ml_collections.ConfigDict, budget: float) -> int:
+    """Runs per point on a budget's line: config.seeds at the seeds_budgets smallest budgets (all: 0),
+    else 1, so replicates go where runs are cheapest."""
+    if not sweep.seeds_budgets:
+        return sweep.seeds
+    return sweep.seeds if budget in sorted(sweep.budgets)[:sweep.seeds_budgets] else 1
 
 
 def replicas(r: Run, seeds: int, sweep_dir: str | Path) -> list[Run]:
@@ -413,14 +426,15 @@ def trained_flops(r: Run) -> float:
 
 def format_plan(runs: list[Run], seconds_per_flop: float | None = None) -> str:
     """The plan as a table; the time column uses a measured throughput when given."""
-    head = (f"{'run':<18} {'budget':>8} {'N':>10} {'N non-emb':>10} {'shape':>7} {'tokens':>11} "
+    w = max([18, *(len(r.name) for r in runs)])
+    head = (f"{'run':<{w}} {'budget':>8} {'N':>10} {'N non-emb':>10} {'shape':>7} {'tokens':>11} "
             f"{'steps':>6} {'FLOPs':>9} {'6ND':>9} {'D/N':>6} {'est. time':>9}  branch")
     lines = [head, "-" * len(head)]
     for r in runs:
         est = "" if seconds_per_flop is None else f"{trained_flops(r) * seconds_per_flop:8.0f}s"
         branch = f"  of {r.after} at step {r.branch_step}" if r.after else ""
         lines.append(
-            f"{r.name:<18} {r.budget:8.1e} {r.n_params:10,d} {r.n_params_non_embedding:10,d} "
+            f"{r.name:<{w}} {r.budget:8.1e} {r.n_params:10,d} {r.n_params_non_embedding:10,d} "
             f"{r.shape:>7} {r.tokens:11,d} {r.steps:6d} {r.flops:9.3e} {r.flops_6nd:9.3e} "
             f"{r.tokens / r.n_params:6.1f} {est:>9}{branch}")
     cost = sum(trained_flops(r) for r in runs)

@@ -74,6 +74,7 @@ def plan_run(sweep: ml_collections.ConfigDict, fit: dict, sweep_dir: str | Path)
     v = sweep.copy_and_resolve_references()
     v.budgets, v.shapes = (C,), (f"{m.d_model}x{m.n_layers}",)
     v.mode = "cosine" if sweep.mode == "cosine" else "wsd"  # one size: a grid is a lone WSD trunk
+    v.seeds, v.seeds_budgets = 1, 0  # one run: its own noise is what the comparison reports
     (r,) = plan(v, sweep_dir)  # the sweep's own dir: a fitted LR rule reads its tuning fit
     name = f"V{sci(C)}-N{sci(r.n_params)}"
     return replace(r, name=name, workdir=str(run_dir(directory(sweep_dir), name)))

@@ -20,7 +20,7 @@ from .conftest import ROOT
 
 def micro_sweep(data_dir):
     """2 budgets × 3 sizes of very small models: a whole sweep in well under a minute."""
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.train.data.data_dir = str(data_dir)
     c.train.data.seq_len, c.train.data.batch_size, c.train.data.eval_batches = 32, 8, 2
     c.train.train.log_every, c.train.train.checkpoint_every = 10, 20
@@ -33,7 +33,7 @@ def micro_sweep(data_dir):
 
 @pytest.mark.parametrize("generated", [False, True])
 def test_planner_meets_budgets_with_unique_names(generated):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     if generated:
         c.shapes, c.budgets = (), (1e15, 1e16, 1e17)
         c.train.data.seq_len, c.train.data.batch_size = 1024, 64
@@ -51,7 +51,7 @@ def test_planned_models_follow_the_sizing_rules():
     from lm.sizing import model_for_shape
 
     for generated in (False, True):
-        c = tiny.get_config()
+        c = tiny.get_config("untuned")
         if generated:
             c.shapes, c.budgets = (), (1e15, 1e16)
         for r in plan(c):
@@ -69,7 +69,7 @@ def test_planned_models_follow_the_sizing_rules():
     (lambda c: setattr(c, "flops", "approx"), r"flops = 'approx'"),
 ])
 def test_bad_sweep_configs(change, message):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     change(c)
     with pytest.raises(ConfigError, match=message):
         plan(c)
@@ -83,7 +83,7 @@ def _isoflop(sweep_dir, *args, env=None):
 
 
 def _config_flags(c) -> list[str]:
-    return ["--config=configs/isoflop/tiny.py",
+    return ["--config=configs/isoflop/tiny.py:untuned",
             f"--config.train.data.data_dir={c.train.data.data_dir}",
             "--config.train.data.seq_len=32", "--config.train.data.batch_size=8",
             "--config.train.data.eval_batches=2", "--config.train.train.log_every=10",
@@ -183,7 +183,7 @@ def test_stale_lock_is_taken_over(tmp_path):
 def test_bad_slurm_settings(field, value, message):
     from experiments.launch import validate_slurm
 
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     validate_slurm(c.slurm)
     c.slurm[field] = value
     with pytest.raises(ConfigError, match=message):
@@ -267,7 +267,7 @@ def test_wsd_branch_equals_an_independent_run(tmp_path, data_dir):
 def test_wsd_plan_reports_savings():
     from experiments.plan import format_plan
 
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.mode = "wsd"
     runs = plan(c, "/sweep")
     trunks = [r for r in runs if r.after is None]

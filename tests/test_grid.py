@@ -58,20 +58,20 @@ def test_tiny_grid_plans_one_trunk_per_size_and_a_branch_on_every_line():
                 assert r.after == trunk.name and r.branch_step == r.steps - round(0.1 * r.steps)
                 assert (t.init_from, t.init_step, t.init_mode) == (
                     f"/sweep/runs/{trunk.name}", r.branch_step, "state")
-    budgets = grid_budgets(tiny.get_config().budgets, SQRT2)
+    budgets = grid_budgets(tiny.get_config("untuned").budgets, SQRT2)
     assert sorted({r.budget for r in runs}) == budgets
     for budget in budgets:
         assert len([r for r in runs if r.budget == budget]) >= 3
     assert all(abs(r.flops / r.budget - 1) < 0.01 for r in runs)
     # the tiny sweep's 15 runs are grid points with the same N and D: each has a cosine twin
     grid = {r.name: r for r in runs}
-    for r in plan(tiny.get_config()):
+    for r in plan(tiny.get_config("untuned")):
         twin = grid[r.name]
         assert (twin.n_params, twin.tokens, twin.steps) == (r.n_params, r.tokens, r.steps), r.name
 
 
 def test_tiny_grid_trains_less_than_the_cosine_sweep_for_twice_its_training_in_results():
-    grid, cosine = plan(tiny_grid.get_config()), plan(tiny.get_config())
+    grid, cosine = plan(tiny_grid.get_config()), plan(tiny.get_config("untuned"))
     cost, results = sum(trained_flops(r) for r in grid), sum(r.flops for r in grid)
     assert cost <= sum(trained_flops(r) for r in cosine)
     assert results >= 2 * cost
@@ -95,7 +95,7 @@ def test_a_generated_sqrt2_grid_shares_its_sizes_and_costs_at_most_half_of_cosin
 
 
 def test_wsd_runs_share_the_warmup_of_their_shortest():
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.mode = "wsd"
     for group in _by_size(plan(c)).values():
         warmup = round(c.train.optim.warmup_frac * min(r.steps for r in group))

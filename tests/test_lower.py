@@ -96,7 +96,7 @@ def test_preflight_lowers_each_program_once_and_lists_failures():
     from configs.isoflop import tiny as tiny_sweep
     from experiments.plan import plan
 
-    sweep = tiny_sweep.get_config()
+    sweep = tiny_sweep.get_config("untuned")
     sweep.budgets, sweep.shapes = (1e11, 3e11), ("16x1,16x2", "16x1,16x2")
     sweep.train.data.seq_len, sweep.train.data.batch_size = 32, 8
     runs = [(r.name, r.config) for r in plan(sweep)]
@@ -114,7 +114,7 @@ def test_preflight_lowers_each_program_once_and_lists_failures():
 
 def test_isoflop_preflight_exits_nonzero_on_failure_without_training(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.isoflop", "--config=configs/isoflop/tiny.py",
+        [sys.executable, "-m", "experiments.isoflop", "--config=configs/isoflop/tiny.py:untuned",
          f"--sweep_dir={tmp_path / 'sweep'}", "--preflight=cuda", "--preflight_devices=3"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})

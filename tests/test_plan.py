@@ -1,9 +1,12 @@
 """The sweep planner checks every sweep field (bar slurm) before it plans anything; nothing compiles."""
 
+import json
+
 import pytest
 
 from configs.isoflop import gpu, micro, tiny, tiny_grid
 from experiments.plan import plan
+from experiments.tune import tuning_plan
 from lm.config import ConfigError
 
 
@@ -14,10 +17,23 @@ def _set(config, dotted: str, value) -> None:
     config[key] = value
 
 
-@pytest.mark.parametrize("sweep", [tiny.get_config, gpu.get_config, micro.get_config,
+@pytest.mark.parametrize("sweep", [lambda: tiny.get_config("untuned"), gpu.get_config, micro.get_config,
                                    lambda: micro.get_config("quick"), tiny_grid.get_config])
 def test_the_packaged_sweeps_pass(sweep):
     assert plan(sweep())
+
+
+def test_the_default_sweep_tunes_first_then_replicates_its_two_cheapest_budgets(tmp_path):
+    """The demo: a tuning plan at its smallest budget, then, from the fit, the untuned sweep's 15 points
+    at the fitted LRs, with a second seed at 3e11 and 1e12."""
+    demo, untuned = tiny.get_config(), plan(tiny.get_config("untuned"))
+    assert len(tuning_plan(demo, tmp_path)) == 5 * len(demo.tune.lr_factors)
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "fit.json").write_text(json.dumps({"lr": {"k": 2.0, "e": -0.5}, "batch": None}))
+    runs = plan(demo, tmp_path)
+    assert [r.name for r in runs if r.seed == 0] == [r.name for r in untuned]
+    assert [r.name for r in runs if r.seed] == [r.name + "-s1" for r in untuned if r.budget < 3e12]
+    assert all(r.config.optim.peak_lr == pytest.approx(2.0 * r.n_params**-0.5) for r in runs)
 
 
 GENERATED = {"shapes": ()}  # fields only generated sizes read
@@ -51,6 +67,9 @@ BAD = [
     ({"analysis.bootstrap": -1}, r"config\.analysis\.bootstrap = -1"),
     ({"seeds": 0}, r"config\.seeds = 0 is not allowed: must be an integer >= 1: runs per planned point"),
     ({"seeds": -1}, r"config\.seeds = -1 is not allowed"),
+    ({"seeds_budgets": -1}, r"config\.seeds_budgets = -1 is not allowed: must be an integer >= 0: how many"),
+    ({"mode": "grid", "shapes": (), "seeds_budgets": 1},
+     r"config\.seeds_budgets = 1 is not allowed: must be 0 in grid mode"),
     ({"name": ""}, r"config\.name = ''"),
     ({"sweep_dir": ""}, r"config\.sweep_dir = ''"),
     # the base training config, through lm.config.validate, named as the sweep names it
@@ -68,7 +87,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[str(o) for o, _ in BAD])
 def test_bad_sweep_fields_are_one_error_naming_the_field(overrides, message):
-    refuses(tiny.get_config(), overrides, message)
+    refuses(tiny.get_config("untuned"), overrides, message)
 
 
 def refuses(c, overrides: dict, message: str) -> None:
@@ -80,14 +99,14 @@ def refuses(c, overrides: dict, message: str) -> None:
 
 
 def test_a_sweep_config_without_a_field_says_which():
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     del c["workers"]
     with pytest.raises(ConfigError, match=r"config\.workers is missing"):
         plan(c)
 
 
 def test_a_budget_too_small_for_generated_sizes_says_so_and_what_it_needs():
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.shapes, c.budgets = (), (1e6, 1e12)
     with pytest.raises(ConfigError, match=r"budget 1e6 is too small for generated sizes") as e:
         plan(c)
@@ -110,7 +129,7 @@ def test_runs_that_repeat_their_data_are_warned_and_refused_past_max_epochs():
     ConfigError naming every run above max_epochs."""
     from experiments.plan import repeats
 
-    runs = plan(tiny.get_config())
+    runs = plan(tiny.get_config("untuned"))
     *_, third, second, first = sorted(runs, key=lambda r: r.tokens)
     split = third.tokens  # the two longest runs make more than one pass
     lines = repeats(runs, split, 4.0, "stdlib")
@@ -128,7 +147,7 @@ def test_seeds_plan_replicates_with_their_own_seeds_and_trunks():
     """Replicate 0 is the run a sweep without seeds plans (name and config), so a sweep resumes when
     seeds are added; replicate k is `<name>-s<k>` with the init and data seeds moved by k, and in grid
     mode every replicate has its own trunks."""
-    base = tiny.get_config()
+    base = tiny.get_config("untuned")
     base.train.seed, base.train.data.seed = 5, 7
     three = base.copy_and_resolve_references()
     three.seeds = 3
@@ -138,6 +157,10 @@ def test_seeds_plan_replicates_with_their_own_seeds_and_trunks():
     seeds = [(r.seed, r.config.seed, r.config.data.seed) for r in runs[:3]]
     assert seeds == [(0, 5, 7), (1, 6, 8), (2, 7, 9)]
     assert runs[2].workdir == "sweep/runs/" + runs[2].name and runs[2].steps == runs[0].steps
+    cheap = three.copy_and_resolve_references()
+    cheap.seeds_budgets = 2  # replicates at the two smallest budgets only
+    some = plan(cheap, "sweep")
+    assert [r.name for r in some] == [r.name for r in runs if r.budget < 3e12 or r.seed == 0]
     grid = tiny_grid.get_config()
     grid.seeds = 2
     twice = plan(grid)

@@ -14,7 +14,8 @@ from experiments.plan import plan
 from lm import analysis
 from lm.analysis import approach3, plots, report
 from lm.analysis.approach2 import fit_approach2
-from lm.analysis.replicates import noise
+from lm.analysis.bootstrap import replicate_means
+from lm.analysis.replicates import noise, pooled_sd
 from lm.files import FileError
 
 LAW = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Chinchilla's
@@ -102,6 +103,38 @@ def test_gaussian_run_noise_is_reported_averaged_and_widens_the_interval_as_pred
     assert noise(analysis.from_table(base)) == {"replicates": 1}
 
 
+def test_one_run_points_draw_run_noise_at_the_pooled_sd():
+    """The second stage draws a one-run point's mean from its loss plus normal noise of the pooled sd over
+    its copies (variance sd²/c), leaves points with no copies alone, and without a pooled sd keeps it."""
+    losses = np.array([[1.0, np.nan], [2.0, np.nan], [3.0, 3.2]])
+    copies = np.tile([1.0, 2.0, 1.0], (40_000, 1))
+    copies[::2, 0] = 0
+    drawn = replicate_means(losses, copies, np.random.default_rng(0), sd=0.1)
+    assert np.all(drawn[::2, 0] == 1.0)
+    assert drawn[1::2, 0].mean() == pytest.approx(1.0, abs=2e-3)
+    assert drawn[1::2, 0].std() == pytest.approx(0.1, rel=0.02)
+    assert drawn[:, 1].std() == pytest.approx(0.1 / np.sqrt(2), rel=0.02)
+    assert set(np.unique(drawn[:, 2])) == {3.0, 3.1, 3.2}
+    assert np.all(replicate_means(losses, copies, np.random.default_rng(0))[:, :2] == [1.0, 2.0])
+    assert pooled_sd(losses) == pytest.approx(0.2 / np.sqrt(2)) and pooled_sd(losses[:2]) == 0.0
+
+
+@pytest.mark.parametrize("name", FITS)
+def test_replicates_at_some_points_carry_run_noise_to_all(name):
+    """Noise of sd s, replicated (3 runs) at every other point only: the one-run points are drawn at the
+    pooled sd, so run noise makes about the share of a's interval it makes with every point replicated
+    (left at their means, the one-run points would make it 0.3-0.7 times that)."""
+    table, fit = FITS[name]
+    base, s = table(), 2e-3
+    z = s * np.random.default_rng(4).normal(size=(len(base), 3))
+    full = fit(analysis.from_table(replicate(base, z)))
+    df = analysis.from_table(replicate(base, z))
+    half = fit(df[(df["replicate"] == 0) | (np.arange(len(df)) % len(base) % 2 == 0)])
+    assert noise(df)["sd"] == pytest.approx(s, rel=0.2)
+    assert half["noise_share"]["a"] > 0.85 * full["noise_share"]["a"] > 0  # at their means: 0.3-0.7 ×
+    assert width(half["ci"]) > width(half["ci_points"])
+
+
 def test_approach2_takes_means_and_the_plot_draws_each_points_spread(tmp_path, monkeypatch):
     """Approach 2 fits the replicate means; noise is pooled per budget; the IsoFLOP plot draws ± each
     point's replicate sd as error bars at its mean."""
@@ -154,7 +187,7 @@ def test_the_loader_reads_replicates_and_a_saved_frame_keeps_them(tmp_path):
 
 def test_a_planned_sweeps_replicates_reach_the_loader(tmp_path):
     """plan.json records each run's replicate, and the loader gives it to the run's row."""
-    sweep = tiny.get_config()
+    sweep = tiny.get_config("untuned")
     sweep.seeds = 2
     runs = plan(sweep, tmp_path)
     write_plan(tmp_path, sweep, runs)

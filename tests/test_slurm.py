@@ -31,7 +31,7 @@ def _env(tmp_path, devices: int) -> dict:
 
 def _flags(data_dir, budget: float, shapes: str, *extra: str) -> list[str]:
     """A micro sweep: one budget, the given sizes, an eval only at the end."""
-    return ["--config=configs/isoflop/tiny.py", f"--config.train.data.data_dir={data_dir}",
+    return ["--config=configs/isoflop/tiny.py:untuned", f"--config.train.data.data_dir={data_dir}",
             "--config.train.data.seq_len=32", "--config.train.data.batch_size=8",
             "--config.train.data.eval_batches=2", "--config.train.train.log_every=10",
             "--config.train.train.eval_every=100000", "--config.train.train.checkpoint_every=100000",

@@ -63,7 +63,7 @@ def test_an_edge_minimum_is_flagged_warned_and_used():
 
 
 def test_tuning_runs_are_the_sweeps_runs_at_its_smallest_budget_times_each_factor(tmp_path):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     runs = tune.tuning_plan(c, tmp_path)
     sweep = {r.n_params: r for r in plan(c) if r.budget == min(c.budgets)}
     assert len(runs) == len(sweep) * len(c.tune.lr_factors) == len({r.name for r in runs})
@@ -92,7 +92,7 @@ def test_tuning_runs_are_the_sweeps_runs_at_its_smallest_budget_times_each_facto
     ("lr_rule", "fitted", r"config\.tune\.lr_rule = 'fitted' is not allowed: must be 'constant' or"),
 ])
 def test_bad_tune_fields_are_one_line_naming_the_field(field, value, message):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.tune[field] = value
     with pytest.raises(ConfigError, match=message) as e:
         tune.tuning_plan(c)
@@ -100,7 +100,7 @@ def test_bad_tune_fields_are_one_line_naming_the_field(field, value, message):
 
 
 def test_more_tuning_budgets_than_the_sweep_has_is_refused():
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.tune.n_budgets = 4
     with pytest.raises(ConfigError, match=r"config\.tune\.n_budgets = 4 .*has 3 budget\(s\)"):
         tune.tuning_plan(c)
@@ -108,7 +108,7 @@ def test_more_tuning_budgets_than_the_sweep_has_is_refused():
 
 def fitted_sweep(tmp_path, batch=None):
     """The tiny sweep under lr_rule 'fitted', with a fit.json of known laws written for it."""
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.train.optim.lr_rule = "fitted"
     write_json_atomic(tmp_path / "tune" / "fit.json", {"lr": {"k": 0.5, "e": -0.3}, "batch": batch})
     return c
@@ -125,7 +125,8 @@ def test_the_planner_gives_each_run_the_fitted_lr_and_records_where_it_came_from
         assert tune.provenance(c, tmp_path, r.config) == {
             "peak_lr": pytest.approx(lr), "batch_size": 16, "batch_source": "train.data.batch_size",
             "lr_source": f"fitted: {tmp_path / 'tune' / 'fit.json'}"}
-    assert tune.provenance(tiny.get_config(), tmp_path, runs[0].config)["lr_source"] == "inverse_width rule"
+    untuned = tiny.get_config("untuned")
+    assert tune.provenance(untuned, tmp_path, runs[0].config)["lr_source"] == "inverse_width rule"
     c = fitted_sweep(tmp_path, batch={"k": 0.25, "e": 0.5})  # batch = 0.25 sqrt(N), a power of two
     for r in plan(c, tmp_path):
         assert r.config.data.batch_size == 2 ** round(math.log2(0.25 * r.n_params ** 0.5)), r.name
@@ -134,7 +135,7 @@ def test_the_planner_gives_each_run_the_fitted_lr_and_records_where_it_came_from
 
 
 def test_a_missing_fit_says_how_to_make_it_in_one_line(tmp_path):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.train.optim.lr_rule = "fitted"
     with pytest.raises(ConfigError, match=r"lr_rule = 'fitted' needs .*tune/fit\.json.*python -m "
                                           r"experiments\.tune") as e:
@@ -145,14 +146,14 @@ def test_a_missing_fit_says_how_to_make_it_in_one_line(tmp_path):
 def test_a_run_config_with_the_sweeps_fitted_rule_is_refused():
     from lm.optim import peak_lr
 
-    o = tiny.get_config().train.optim
+    o = tiny.get_config("untuned").train.optim
     o.lr_rule = "fitted"
     with pytest.raises(ConfigError, match=r"optim\.lr_rule = 'fitted' is not allowed: a run takes"):
         peak_lr(o, 64)
 
 
 def test_the_stage_fits_written_results_idempotently_and_the_sweep_uses_the_fit(tmp_path):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.runner = "local"
     for r in tune.tuning_plan(c, tmp_path):  # results as training would leave them
         write_json_atomic(run_dir(tmp_path / "tune", r.name) / "result.json", {
@@ -162,7 +163,7 @@ def test_the_stage_fits_written_results_idempotently_and_the_sweep_uses_the_fit(
     fit_file = tmp_path / "tune" / "fit.json"
     assert json.loads(fit_file.read_text())["lr"] == pytest.approx(result["lr"])
     assert (tmp_path / "tune" / "tune.png").stat().st_size > 0
-    assert len(json.loads((tmp_path / "tune" / "plan.json").read_text())["runs"]) == 25
+    assert len(json.loads((tmp_path / "tune" / "plan.json").read_text())["runs"]) == 5 * len(c.tune.lr_factors)
     before = fit_file.read_text()
     assert tune.stage(c, tmp_path, "local") == result and fit_file.read_text() == before
     c.train.optim.lr_rule = "fitted"
@@ -177,11 +178,11 @@ def test_the_sweep_command_tunes_first_once_and_a_dry_run_shows_the_tuning_plan(
     rerun refits the same results (tuning is done once and reused)."""
     from experiments.isoflop import tuned_first
 
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.train.optim.lr_rule = "fitted"
     assert tuned_first(c, tmp_path, "local", dry_run=True, flops_per_second=1e9)
     out = capsys.readouterr().out
-    assert "T3e11-N1.4e4-lr" in out and "the sweep plans from the tuning fit" in out
+    assert "T3e11-N1.5e4-lr" in out and "the sweep plans from the tuning fit" in out
     assert not (tmp_path / "tune" / "fit.json").exists()
     for r in tune.tuning_plan(c, tmp_path):
         write_json_atomic(run_dir(tmp_path / "tune", r.name) / "result.json", {
@@ -191,7 +192,7 @@ def test_the_sweep_command_tunes_first_once_and_a_dry_run_shows_the_tuning_plan(
     fit = (tmp_path / "tune" / "fit.json").read_text()
     assert not tuned_first(c, tmp_path, "local", dry_run=True)  # the fit exists: the sweep's plan
     assert not tuned_first(c, tmp_path, "local", dry_run=False)
-    assert "25 runs, 25 already done" in capsys.readouterr().out
+    assert "15 runs, 15 already done" in capsys.readouterr().out
     assert (tmp_path / "tune" / "fit.json").read_text() == fit
     c.train.optim.lr_rule = "inverse_width"
     assert not tuned_first(c, tmp_path, "local", dry_run=False)

@@ -37,7 +37,7 @@ def fit_with_samples(C: float) -> dict:
 
 @pytest.mark.parametrize("mode, n", [("cosine", "total"), ("wsd", "non_embedding"), ("grid", "total")])
 def test_planned_at_the_predicted_optimum(mode, n, tmp_path):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.mode, c.analysis.n = mode, n
     C = 3 * max(c.budgets)
     n_opt = float(closed_form_optimum(LAW, C)[0])
@@ -54,7 +54,7 @@ def test_planned_at_the_predicted_optimum(mode, n, tmp_path):
 
 
 def test_bad_input_is_one_line():
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.validate_factor = 1.0
     with pytest.raises(ConfigError, match=r"^config.validate_factor = 1.0 is not allowed: must be > 1"):
         plan(c)
@@ -62,7 +62,7 @@ def test_bad_input_is_one_line():
     with pytest.raises(ConfigError, match=r"bootstrap = 0 is not allowed"):
         validate.check_options(c, analyse=True)
     with pytest.raises(ConfigError, match=r"drop --analyse=false"):
-        validate.check_options(tiny.get_config(), analyse=False)
+        validate.check_options(tiny.get_config("untuned"), analyse=False)
     with pytest.raises(ConfigError, match=r"approach 3 was skipped \(too few points\)"):
         validate.check_fit({"skipped": "too few points"})
     with pytest.raises(ConfigError, match=r"approach 3 has no bootstrap interval"):
@@ -70,7 +70,7 @@ def test_bad_input_is_one_line():
 
 
 def test_compare_holds_the_observed_loss_against_the_law_at_the_trained_size(tmp_path):
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     C = validate.budget(c)
     fit = fit_with_samples(C)
     r = validate.plan_run(c, fit, tmp_path)
@@ -93,7 +93,7 @@ def test_compare_holds_the_observed_loss_against_the_law_at_the_trained_size(tmp
 
 def test_report_section_replaces_an_older_one(tmp_path):
     fit = fit_with_samples(9e12)
-    r = validate.plan_run(tiny.get_config(), fit, tmp_path)
+    r = validate.plan_run(tiny.get_config("untuned"), fit, tmp_path)
     v = validate.compare(fit, r, {"status": "completed", "eval_loss": 1.1234}, "total")
     text = validate.section(v)
     assert text.startswith("## Validation\n") and "1.1234 observed" in text and f"{r.n_params:,}" in text
@@ -108,7 +108,7 @@ def test_report_section_replaces_an_older_one(tmp_path):
 
 
 def test_dry_run_preview():
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     before = validate.preview(c, {"skipped": "too few points"}, "/sweep", None)
     assert before == ("validation: planned after the fits (no approach-3 fit in /sweep/fits.json yet), at "
                       "approach 3's optimum for 9e+12 FLOPs (3 × the largest budget)")

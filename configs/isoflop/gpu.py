@@ -16,7 +16,7 @@ from configs.isoflop import tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.name = "gpu"
     c.sweep_dir = "sweeps/gpu"
 

@@ -16,7 +16,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """variant "" (accelerator) or "quick" (CPU-sized, for the CI run of `lm.smoke --quick`)."""
     if variant not in ("", "quick"):
         raise ValueError(f"configs/isoflop/micro.py:{variant}: expected no variant or 'quick'")
-    c = tiny.get_config()
+    c = tiny.get_config("untuned")
     c.name = "micro"
     c.sweep_dir = "sweeps/micro"
     c.runner = "local"  # one process: no worker start-up per run, one device

@@ -11,7 +11,7 @@ import pandas as pd
 from lm.analysis import checks
 from lm.analysis.bootstrap import noise_share, percentile_ci, replicate_means, second_stage
 from lm.analysis.load import labelled
-from lm.analysis.replicates import points, replicated
+from lm.analysis.replicates import points, pooled_sd, replicated
 
 MIN_POINTS = 3  # a parabola needs three distinct sizes
 # Bootstrap intervals need at least this fraction of resamples to give power laws: resampling
@@ -109,7 +109,7 @@ def fit_approach2(df: pd.DataFrame, bootstrap: int = 0, seed: int = 0, tolerance
     fit.update(laws)
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
-        _intervals(fit, groups, reps, bootstrap, seed)
+        _intervals(fit, groups, reps, bootstrap, seed, pooled_sd(losses))
     edges = [f"{b['C']:.3g}" for b in profiles if b["edge"] and b["C"] in fit["budgets_used"]]
     fit["warnings"] = checks.budgets(len(fit["budgets_used"])) + checks.exponents(fit) + (
         [f"the power laws go through edge minima (budgets {', '.join(edges)}), vertices outside the "
@@ -132,10 +132,10 @@ def _single_points(pts: pd.DataFrame, labels: np.ndarray, tolerance: float) -> s
             "or raise --tolerance")
 
 
-def _intervals(fit: dict, groups: list, reps: list[np.ndarray], n: int, seed: int) -> None:
+def _intervals(fit: dict, groups: list, reps: list[np.ndarray], n: int, seed: int, sd: float) -> None:
     """Bootstrap intervals of the power laws and predictions, or `ci_skipped` when too few resamples fit;
     with replicates also the points-only intervals (`ci_points`) and the share run noise makes."""
-    samples = _bootstrap(groups, n, seed, reps)
+    samples = _bootstrap(groups, n, seed, reps, sd)
     kept = int(np.isfinite(samples["a"]).sum())
     fit.update(bootstrap=n, seed=seed, bootstrap_kept=kept)
     if kept < MIN_KEPT * n:
@@ -156,9 +156,10 @@ def _intervals(fit: dict, groups: list, reps: list[np.ndarray], n: int, seed: in
 
 
 def _bootstrap(groups: list, n: int, seed: int, reps: list[np.ndarray] | None = None,
-               ) -> dict[str, np.ndarray]:
+               sd: float = 0.0) -> dict[str, np.ndarray]:
     """Resample points with replacement within each budget and, given each budget's replicate losses
-    `reps`, each drawn point's replicates (a two-stage bootstrap), and refit everything, n times."""
+    `reps`, each drawn point's replicates (a two-stage bootstrap; one-run points get run noise of the
+    pooled `sd`), and refit everything, n times."""
     rng, stage2 = np.random.default_rng(seed), second_stage(seed)
     keys = ("a", "b", "k_N", "k_D")
     samples = {k: np.full(n, np.nan) for k in keys}
@@ -167,7 +168,8 @@ def _bootstrap(groups: list, n: int, seed: int, reps: list[np.ndarray] | None = 
         for g, (C, log_n, loss, log_ratio) in enumerate(groups):
             i = rng.integers(0, len(log_n), len(log_n))
             if len(np.unique(log_n[i])) >= MIN_POINTS:
-                drawn = loss[i] if reps is None else replicate_means(reps[g][i], np.ones((1, len(i))), stage2)
+                drawn = loss[i] if reps is None else replicate_means(
+                    reps[g][i], np.ones((1, len(i))), stage2, sd)
                 resampled.append((C, log_n[i], drawn.ravel(), log_ratio[i]))
         with np.errstate(over="ignore"):  # a resample's steep power law: k = e^intercept beyond float64
             laws = _laws(_profiles(resampled)) if len(resampled) >= 2 else None

@@ -16,7 +16,7 @@ import pandas as pd
 from lm.analysis import checks
 from lm.analysis.bootstrap import noise_share, percentile_ci, replicate_means, resample_weights, second_stage
 from lm.analysis.bootstrap import progress as show_progress
-from lm.analysis.replicates import points, replicated
+from lm.analysis.replicates import points, pooled_sd, replicated
 from lm.config import ConfigError
 
 HUBER_DELTA = 1e-3
@@ -259,7 +259,7 @@ def fit_approach3(df: pd.DataFrame, starts: np.ndarray | None = None, bootstrap:
     fit["predictions"] = [prediction(fit, C) for C in budgets]
     if bootstrap > 0:
         weights, warm = resample_weights(len(log_n), bootstrap, seed), theta[order[:bootstrap_starts]]
-        drawn = np.log(replicate_means(losses, weights, second_stage(seed)))
+        drawn = np.log(replicate_means(losses, weights, second_stage(seed), pooled_sd(losses)))
         samples = bootstrap_samples(warm, log_n, log_d, drawn, weights, progress, **opts)
         fit.update(samples=samples, ci=percentile_ci(samples), bootstrap=bootstrap, seed=seed)
         if replicated(losses):

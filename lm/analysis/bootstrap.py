@@ -20,13 +20,20 @@ def second_stage(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, 1])
 
 
-def replicate_means(losses: np.ndarray, copies: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def replicate_means(losses: np.ndarray, copies: np.ndarray, rng: np.random.Generator,
+                    sd: float = 0.0) -> np.ndarray:
     """The bootstrap's second stage: per resample (row of `copies`, resamples × points) and point, the
     mean of copies · r draws with replacement from the point's r replicates (`losses`, points × most
-    replicates, NaN-padded), which is its copies' resampled replicate means pooled; a point with one
-    replicate, or no copies, keeps its mean."""
+    replicates, NaN-padded), which is its copies' resampled replicate means pooled. A point with one
+    replicate has nothing to draw from: its copies get normal run noise of `sd` (the pooled run-to-run
+    sd of the points that have replicates; 0 keeps its mean), so a sweep that replicates only its cheap
+    budgets still carries run noise into every budget's points. A point with no copies keeps its mean."""
     r = np.isfinite(losses).sum(1)
     out = np.broadcast_to(np.nanmean(losses, 1), copies.shape).copy()
+    if sd > 0 and (single := np.flatnonzero(r == 1)).size:
+        c = copies[:, single]
+        noise = sd * rng.standard_normal(c.shape) / np.sqrt(np.maximum(c, 1))
+        out[:, single] += np.where(c > 0, noise, 0.0)
     for k in np.unique(r[r > 1]):
         cols = np.flatnonzero(r == k)
         draws = copies[:, cols].astype(np.int64) * k

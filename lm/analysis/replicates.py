@@ -37,6 +37,13 @@ def spread(losses: np.ndarray) -> np.ndarray:
     return np.sqrt(np.nansum((losses - np.nanmean(losses, 1, keepdims=True)) ** 2, 1) / np.maximum(r - 1, 1))
 
 
+def pooled_sd(losses: np.ndarray) -> float:
+    """The replicates' standard deviation pooled over the points that have two or more (0 when none has)."""
+    dof = np.isfinite(losses).sum(1) - 1
+    m = dof > 0
+    return float(np.sqrt(np.sum(dof[m] * spread(losses[m]) ** 2) / np.sum(dof[m]))) if m.any() else 0.0
+
+
 def noise(df: pd.DataFrame, tolerance: float = 0.05) -> dict:
     """Run-to-run noise of the final eval loss: the standard deviation across replicates pooled over the
     points with replicates, overall and per budget, and how many points have them ({"replicates": 1}
@@ -44,10 +51,10 @@ def noise(df: pd.DataFrame, tolerance: float = 0.05) -> dict:
     _, labels, losses = points(df, tolerance)
     if not replicated(losses):
         return {"replicates": 1}
-    dof, var = np.isfinite(losses).sum(1) - 1, spread(losses) ** 2
+    dof = np.isfinite(losses).sum(1) - 1
 
     def pooled(m: np.ndarray) -> dict:
-        return {"points": int(m.sum()), "sd": float(np.sqrt(np.sum(dof[m] * var[m]) / np.sum(dof[m])))}
+        return {"points": int(m.sum()), "sd": pooled_sd(losses[m])}
 
     return {"replicates": int(dof.max() + 1), **pooled(dof > 0),
             "budgets": [{"C": float(C), **pooled((labels == C) & (dof > 0))}
