@@ -1,6 +1,6 @@
-"""Process start-up shared by every entry point: quiet library logs, the multi-process join
-(`jax.distributed`, which must come before JAX picks its backend), then the host tuning of
-`lm.kernels` for that backend."""
+"""Process start-up shared by every entry point: quiet library logs, the persistent compilation
+cache, the multi-process join (`jax.distributed`, which must come before JAX picks its backend),
+then the host tuning of `lm.kernels` for that backend."""
 
 from __future__ import annotations
 
@@ -16,9 +16,19 @@ def setup(distributed: bool = False, coordinator_address: str | None = None,
     from lm import kernels
 
     quiet_library_logs()
+    compilation_cache()
     if distributed:
         initialize(coordinator_address, num_processes, process_id)
     kernels.configure_host()
+
+
+def compilation_cache() -> None:
+    """Keep XLA programs under lm's cache root (unless $JAX_COMPILATION_CACHE_DIR names another), so
+    a resumed run, a seed replicate or a second analysis loads its program instead of compiling it."""
+    from lm.files import cache_root
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
 
 
 def quiet_library_logs() -> None:

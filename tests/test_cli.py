@@ -49,11 +49,23 @@ def test_sizing_prints_a_table():
 
 
 def test_the_default_sweep_plans_from_any_directory(tmp_path):
-    """Before: `configs/...` and `experiments` were found only from the checkout."""
+    """Before: `configs/...` and `experiments` were found only from the checkout. The default sweep
+    tunes first, so before its fit a dry run shows the tuning plan."""
     proc = run(tmp_path, "experiments.isoflop", "--dry_run", "--flops_per_second=1e9",
                f"--sweep_dir={tmp_path / 'sweep'}")
     assert proc.returncode == 0, proc.stderr
-    assert "C3e12" in proc.stdout
+    assert "T3e11-N8e4-lr3.2e-2" in proc.stdout and "the sweep plans from the tuning fit" in proc.stdout
+
+
+@pytest.mark.parametrize("cache", ["", "elsewhere"])
+def test_every_entry_point_keeps_its_programs_in_the_cache(tmp_path, cache):
+    """The persistent compilation cache: $LM_CACHE_DIR/jax, unless $JAX_COMPILATION_CACHE_DIR says."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(LM_CACHE_DIR=str(tmp_path), **({"JAX_COMPILATION_CACHE_DIR": cache} if cache else {}))
+    proc = subprocess.run([sys.executable, "-c", "import jax; from lm.process import setup; setup(); "
+                           "print(jax.config.jax_compilation_cache_dir)"], capture_output=True, text=True,
+                          env={**env, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.stdout.strip() == (cache or str(tmp_path / "jax")), proc.stderr
 
 
 def test_a_dry_run_this_machine_cannot_measure_still_plans(tmp_path):

@@ -163,7 +163,8 @@ def test_the_stage_fits_written_results_idempotently_and_the_sweep_uses_the_fit(
     fit_file = tmp_path / "tune" / "fit.json"
     assert json.loads(fit_file.read_text())["lr"] == pytest.approx(result["lr"])
     assert (tmp_path / "tune" / "tune.png").stat().st_size > 0
-    assert len(json.loads((tmp_path / "tune" / "plan.json").read_text())["runs"]) == 5 * len(c.tune.lr_factors)
+    planned = json.loads((tmp_path / "tune" / "plan.json").read_text())["runs"]
+    assert len(planned) == 5 * len(c.tune.lr_factors)
     before = fit_file.read_text()
     assert tune.stage(c, tmp_path, "local") == result and fit_file.read_text() == before
     c.train.optim.lr_rule = "fitted"

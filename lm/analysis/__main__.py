@@ -18,22 +18,12 @@ def budgets(items: list[str] | None) -> tuple[float, ...] | None:
                           "numbers such as 1e18,1e19") from None
 
 
-def compilation_cache() -> None:
-    """Keep the fit's XLA programs under lm's cache root (unless $JAX_COMPILATION_CACHE_DIR names
-    another), so a second analysis loads them instead of compiling again."""
-    import jax
-
-    from lm.files import cache_root
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
-
-
 def main(argv: list[str]) -> None:
     from absl import flags
 
     from lm import analysis, cli
     from lm.analysis.load import N_CHOICES
+    from lm.process import compilation_cache
 
     flags.DEFINE_string("path", None, "a sweep directory, or a CSV/Parquet table of N, D, loss [, C]")
     flags.DEFINE_string("out", None, "output directory (default: the sweep dir / the table's dir)")
@@ -49,7 +39,7 @@ def main(argv: list[str]) -> None:
             raise ConfigError("--path is required: a sweep directory or a CSV/Parquet table, "
                               "e.g. --path=sweeps/tiny")
         start = time.perf_counter()
-        compilation_cache()
+        compilation_cache()  # a second analysis loads the fit's programs
         fits = analysis.run(f.path, f.out, n=f.n, bootstrap=f.bootstrap, seed=f.seed,
                             budgets=budgets(f.budgets), tolerance=f.tolerance)
         out = Path(f.out) if f.out else (Path(f.path) if Path(f.path).is_dir() else Path(f.path).parent)
