@@ -191,8 +191,9 @@ def test_bad_slurm_settings(field, value, message):
 
 
 def test_slurm_dry_run_prints_the_sbatch_script(tmp_path):
-    proc = _isoflop(tmp_path / "sweep", "--dry_run", "--runner=slurm", "--flops_per_second=1e9",
-                    "--config.slurm.nodes=2", "--config.slurm.gpus_per_node=8",
+    proc = _isoflop(tmp_path / "sweep", "--config=configs/isoflop/tiny.py:untuned", "--dry_run",
+                    "--runner=slurm", "--flops_per_second=1e9", "--config.slurm.nodes=2",
+                    "--config.slurm.gpus_per_node=8",
                     "--config.slurm.account=lab", "--config.slurm.setup=('module load cuda',)",
                     "--config.slurm.additional_parameters=('exclusive', 'reservation=big')")
     out = proc.communicate(timeout=120)[0]
