@@ -152,15 +152,14 @@ def export_train_step(trainer, platform: str) -> jax.export.Exported:
     """`jax.export` of the trainer's train step (its shardings, donation) for `platform`."""
     with jax.sharding.use_abstract_mesh(trainer.mesh):
         return jax.export.export(trainer.jit_train_step, platforms=[platform])(
-            trainer.abstract_state, trainer.abstract_batch)
+            *trainer.abstract_args)
 
 
 def _lowered_custom_calls(trainer, platform: str) -> list[str] | None:
     """Custom calls of the step lowered without export's checks (what made an export fail)."""
     try:
         with jax.sharding.use_abstract_mesh(trainer.mesh):
-            return custom_calls(trainer.jit_train_step.trace(
-                trainer.abstract_state, trainer.abstract_batch).lower(
+            return custom_calls(trainer.jit_train_step.trace(*trainer.abstract_args).lower(
                     lowering_platforms=(platform,)).as_text())
     except Exception:  # noqa: BLE001 - then the error itself is all there is to report
         return None
@@ -201,7 +200,7 @@ def lower(config: ml_collections.ConfigDict, platform: str) -> dict[str, Any]:
 
 def program_key(config: ml_collections.ConfigDict) -> str:
     """What decides the lowered train step's structure: runs that share it lower once.
-    (The schedule's step counts and learning rates are only constants in it.)"""
+    (The schedule's step counts and learning rates are inputs of it.)"""
     o = config.optim
     return json.dumps({"model": config.model.to_dict(), "seq_len": config.data.seq_len,
                        "batch_size": config.data.batch_size,

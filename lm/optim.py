@@ -28,24 +28,29 @@ def peak_lr(o: ml_collections.ConfigDict, d_model: int) -> float:
     return min(lr, o.max_lr)
 
 
-def schedule(o: ml_collections.ConfigDict, peak: float, steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then cosine, warmup-stable-decay or constant."""
-    warmup = o.warmup_steps or round(o.warmup_frac * steps)
-    last = max(steps - 1, 1)
+def schedule_args(o: ml_collections.ConfigDict, peak: float, steps: int) -> dict[str, float]:
+    """The numbers of a run's schedule: inputs of the compiled step, not constants in it, so
+    runs that differ only in LR or length (a tuning grid, a sweep's budgets) share one program."""
+    return {"peak": peak, "warmup": o.warmup_steps or round(o.warmup_frac * steps),
+            "last": max(steps - 1, 1), "cooldown": steps - round(o.cooldown_frac * steps)}
+
+
+def schedule(o: ml_collections.ConfigDict, args: dict) -> optax.Schedule:
+    """Linear warmup from 0, then cosine, warmup-stable-decay or constant (`args`: schedule_args)."""
+    warmup, last, start = args["warmup"], args["last"], args["cooldown"]
 
     def lr(t):
         t = jnp.asarray(t, jnp.float32)
-        ramp = jnp.minimum(1.0, (t + 1) / max(warmup, 1)) if warmup else 1.0
+        ramp = jnp.minimum(1.0, (t + 1) / jnp.maximum(warmup, 1))
         if o.schedule == "cosine":
-            p = jnp.clip((t - warmup) / max(last - warmup, 1), 0.0, 1.0)
+            p = jnp.clip((t - warmup) / jnp.maximum(last - warmup, 1), 0.0, 1.0)
             shape = o.final_frac + (1 - o.final_frac) * 0.5 * (1 + jnp.cos(jnp.pi * p))
         elif o.schedule == "wsd":
-            start = steps - round(o.cooldown_frac * steps)
-            p = jnp.clip((t - start + 1) / max(last - start + 1, 1), 0.0, 1.0)
+            p = jnp.clip((t - start + 1) / jnp.maximum(last - start + 1, 1), 0.0, 1.0)
             shape = 1 - (jnp.sqrt(p) if o.cooldown_shape == "1-sqrt" else p)
         else:
             shape = 1.0
-        return peak * jnp.where(t < warmup, ramp, shape)
+        return args["peak"] * jnp.where(t < warmup, ramp, shape)
 
     return lr
 

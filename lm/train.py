@@ -74,14 +74,17 @@ def make_loss_fn(graphdef, z_loss: float):
     return loss_fn
 
 
-def make_train_step(graphdef, config: ml_collections.ConfigDict, tx, lr_fn):
-    """state, batch [B, T+1] -> state, metrics; gradients accumulate over micro-batches."""
+def make_train_step(graphdef, config: ml_collections.ConfigDict):
+    """state, batch [B, T+1], schedule (optim.schedule_args) -> state, metrics; gradients
+    accumulate over micro-batches."""
     loss_fn = make_loss_fn(graphdef, config.optim.z_loss)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     m = config.train.microbatches
 
-    def step(state, batch):
+    def step(state, batch, sched):
         params = state["params"]
+        lr = optim.schedule(config.optim, sched)
+        tx = optim.make_optimizer(config.optim, lr, params)
         if m == 1:
             (_, ce), grads = grad_fn(params, batch)
         else:
@@ -99,7 +102,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx, lr_fn):
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
+        metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"])}
         return new_state, metrics
 
     return step
@@ -244,8 +247,9 @@ class Trainer:
         self.shape = RunShape.of(config)
         self.graphdef, abstract_params, axes = model_lib.abstract_model(config.model, config.seed)
         self.param_shardings = sharding.tree_shardings(axes, abstract_params, mesh)
-        self.lr_fn = optim.schedule(config.optim, self.shape.peak_lr, self.shape.steps)
-        self.tx = optim.make_optimizer(config.optim, self.lr_fn, abstract_params)
+        self.sched = sched = optim.schedule_args(config.optim, self.shape.peak_lr, self.shape.steps)
+        self.tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, sched),
+                                       abstract_params)
         self.batch_sharding = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
 
@@ -265,27 +269,36 @@ class Trainer:
         self.abstract_batch = jax.ShapeDtypeStruct(
             (config.data.batch_size, config.data.seq_len + 1), jnp.int32,
             sharding=self.batch_sharding)
+        self.abstract_schedule = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+                                  for k in sched}
+        self.abstract_args = (self.abstract_state, self.abstract_batch, self.abstract_schedule)
         self.jit_train_step = jax.jit(
-            make_train_step(self.graphdef, config, self.tx, self.lr_fn),
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            make_train_step(self.graphdef, config),
+            in_shardings=(self.state_shardings, self.batch_sharding, rep),
             out_shardings=(self.state_shardings, rep), donate_argnums=0)
         self.jit_eval_step = jax.jit(
             make_eval_step(self.graphdef), in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=rep)
-        self.train_step = self.eval_step = None
+        self.compiled_train_step = self.eval_step = self.schedule = None
         self.compile_seconds = float("nan")
         if compile:
             self.compile()
 
     def compile(self) -> None:
-        """AOT-compile both steps on the trainer's (concrete) mesh."""
+        """AOT-compile both steps on the trainer's (concrete) mesh, and place the schedule."""
         t = time.perf_counter()
+        rep = sharding.replicated(self.mesh)
+        self.schedule = {k: jax.make_array_from_callback((), rep, lambda _, v=v: np.float32(v))
+                         for k, v in self.sched.items()}
         with jax.set_mesh(self.mesh):
-            self.train_step = self.jit_train_step.lower(self.abstract_state,
-                                                        self.abstract_batch).compile()
+            self.compiled_train_step = self.jit_train_step.lower(*self.abstract_args).compile()
             self.compile_seconds = time.perf_counter() - t
             self.eval_step = self.jit_eval_step.lower(self.abstract_state["params"],
                                                       self.abstract_batch).compile()
+
+    def train_step(self, state, batch):
+        """One update of `state` on the global `batch`: the compiled step at this run's schedule."""
+        return self.compiled_train_step(state, batch, self.schedule)
 
     def init_state(self):
         """Fresh state, created directly in its shardings (no full copy on one device)."""

@@ -46,7 +46,7 @@ def test_train_step_lowers_for_accelerators_with_the_rules_shardings(mesh):
     exported = bench.export_train_step(trainer, "cuda")
     assert exported.platforms == ("cuda",) and exported.nr_devices == 8
     assert not [c for c in bench.custom_calls(exported.mlir_module()) if c.startswith("lm_")]
-    (state, batch), _ = jax.tree.unflatten(exported.in_tree, exported.in_shardings_jax(trainer.mesh))
+    (state, batch, sched), _ = jax.tree.unflatten(exported.in_tree, exported.in_shardings_jax(trainer.mesh))
     _, abstract, axes = model_lib.abstract_model(config.model)
     specs = {k: logical_to_spec(axes[k], abstract[k].shape, trainer.mesh) for k in axes}
     assert {k: s.spec for k, s in state["params"].items()} == specs
@@ -58,6 +58,9 @@ def test_train_step_lowers_for_accelerators_with_the_rules_shardings(mesh):
         moments += name in specs
     assert moments == 2 * len(specs)
     assert state["step"].spec == P() and batch.spec == P(("data", "fsdp"), None)
+    # The schedule's numbers are replicated inputs (cosine's unused cooldown start is pruned).
+    assert {k: s and s.spec for k, s in sched.items()} == {
+        "peak": P(), "warmup": P(), "last": P(), "cooldown": None}
     if mesh == (1, 8, 1):  # every matrix is split 8 ways over its embed axis, norms replicated
         assert {k: bench.shards(s) for k, s in state["params"].items()} == {
             k: 1 if k in NORMS else 8 for k in specs}
@@ -137,8 +140,7 @@ def test_compiled_step_holds_the_collectives_of_its_mesh():
             c.model.kernels, c.mesh.shape = "xla", mesh
             trainer = Trainer(c, sharding.make_mesh(mesh), compile=False)
             with jax.set_mesh(trainer.mesh):
-                hlo = trainer.jit_train_step.lower(trainer.abstract_state,
-                                                   trainer.abstract_batch).compile().as_text()
+                hlo = trainer.jit_train_step.lower(*trainer.abstract_args).compile().as_text()
             assert 'custom_call_target="lm_' not in hlo
             ops = re.compile(r"\\s(all-gather|reduce-scatter|all-reduce)(?:-start)?\\(")
             return [(m.group(1), line) for line in hlo.splitlines() if " = " in line

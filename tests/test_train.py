@@ -456,17 +456,35 @@ def _flat(config) -> dict:
 def test_schedules():
     c = get_config().optim
     c.warmup_frac, c.final_frac = 0.1, 0.1
-    lr = optim.schedule(c, 1.0, 100)
+    lr = optim.schedule(c, optim.schedule_args(c, 1.0, 100))
     assert float(lr(9)) == pytest.approx(1.0) and float(lr(0)) == pytest.approx(0.1)
     assert float(lr(99)) == pytest.approx(0.1, abs=1e-7)  # exactly final_frac on the last step
     assert all(float(lr(t)) >= float(lr(t + 1)) for t in range(10, 99))
     c.schedule, c.cooldown_frac = "wsd", 0.2
-    lr = optim.schedule(c, 1.0, 100)
+    lr = optim.schedule(c, optim.schedule_args(c, 1.0, 100))
     assert [float(lr(t)) for t in (10, 50, 79)] == [1.0, 1.0, 1.0]
     assert float(lr(80)) < 1.0 and float(lr(99)) == 0.0
     assert float(lr(89)) == pytest.approx(0.5)  # linear cooldown: halfway at the middle
     c.cooldown_shape = "1-sqrt"
-    assert float(optim.schedule(c, 1.0, 100)(89)) == pytest.approx(1 - math.sqrt(0.5))
+    lr = optim.schedule(c, optim.schedule_args(c, 1.0, 100))
+    assert float(lr(89)) == pytest.approx(1 - math.sqrt(0.5))
+    c.warmup_frac = 0.0
+    assert float(optim.schedule(c, optim.schedule_args(c, 2.0, 100))(0)) == 2.0  # no warmup
+
+
+def test_runs_differing_in_lr_or_length_share_one_program(config):
+    """The schedule's numbers are inputs of the step: a tuning grid's LRs and a sweep's budgets
+    lower to one program per shape (one compile, then the persistent cache's copy)."""
+    from lm import sharding
+    from lm.train import Trainer
+
+    def lowered(peak_lr, steps):
+        config.optim.peak_lr, config.train.steps = peak_lr, steps
+        trainer = Trainer(config, sharding.make_mesh((1, 1, 1)), compile=False)
+        return trainer.jit_train_step.lower(*trainer.abstract_args).as_text()
+
+    reference = lowered(1e-2, 100)
+    assert lowered(3e-3, 100) == reference and lowered(1e-2, 700) == reference
 
 
 def test_width_rule_and_decay_mask():
