@@ -7,9 +7,11 @@ tasks per node) is trained by all of them, on process 0's decision (docs/experim
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -17,7 +19,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -231,43 +233,110 @@ def gpu_count() -> int:
     return len([line for line in out.stdout.splitlines() if line.startswith("GPU")])
 
 
+def run_log(sweep_dir: str | Path, name: str) -> Path:
+    """SWEEP/runs/NAME.log: a run's console on the subprocess runner."""
+    return run_dir(sweep_dir, name).parent / f"{name}.log"
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """This process's stdout and stderr (the file descriptors: JAX's and C++ output too) appended
+    to `path` for the block."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def serve(sweep_dir: str, control: int) -> None:
+    """A pooled worker: trains each run named on stdin (its console in runs/NAME.log) and writes
+    the name to file descriptor `control` when it is over; it stops at the end of its input or
+    after a run a signal stopped. One process for many runs spares each run the imports."""
+    with os.fdopen(control, "w", buffering=1) as done:
+        for line in sys.stdin:
+            name = line.strip()
+            with output_to(run_log(sweep_dir, name)):
+                status = run_one(sweep_dir, name)
+                print(f"{name}: {status}", flush=True)
+            done.write(f"{name}\n")
+            if status == "preempted":
+                break
+
+
+def start_worker(sweep_dir: Path, slot: int, gpus: int) -> subprocess.Popen:
+    """A pooled worker process for one slot: its own GPU (CUDA_VISIBLE_DEVICES), else one CPU
+    core, single-threaded; `proc.done` reads the names of the runs it has finished."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.update({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else cpu_worker_env())
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # JAX warns at any fork; the child only pins itself, then execs
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", "--serve", str(sweep_dir),
+                                 str(write)], env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                text=True, pass_fds=(write,), preexec_fn=None if gpus else pin_to_core(slot))
+    os.close(write)
+    proc.done, proc.run_name = os.fdopen(read), None  # type: ignore[attr-defined]
+    return proc
+
+
 def run_subprocesses(sweep_dir: Path, names: Sequence[str], workers: int,
                      report: Callable[..., None]) -> None:
-    """A pool of worker processes: one per GPU (CUDA_VISIBLE_DEVICES), else single-threaded CPU."""
+    """A pool of worker processes, each training run after run: one per GPU, else one per
+    `workers` CPU core. A worker that dies takes only its current run (recorded failed) and is
+    replaced; a run a signal stopped ends the sweep, as on the local runner."""
     gpus = gpu_count()
-    slots = list(range(gpus or max(1, workers)))  # at least one slot: never a pool that waits forever
-    queue, running = list(names), {}
-    root = Path(__file__).resolve().parents[1]
+    slots: dict[int, subprocess.Popen | None] = dict.fromkeys(range(gpus or max(1, workers)))
+    queue = list(names)  # at least one slot above: never a pool that waits forever
     (Path(sweep_dir) / "runs").mkdir(parents=True, exist_ok=True)
-    last_report, finished = time.time(), []
-    while queue or running:
-        while queue and len(running) < len(slots):
-            slot = next(s for s in slots if s not in running.values())
-            name = queue.pop(0)
-            env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-            env.update({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else cpu_worker_env())
-            log = open(run_dir(sweep_dir, name).parent / f"{name}.log", "a")  # noqa: SIM115
-            with warnings.catch_warnings():  # JAX warns at any fork; the child only pins itself, then execs
-                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-                proc = subprocess.Popen([sys.executable, "-m", "experiments.launch", str(sweep_dir), name],
-                                        env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=None if gpus else pin_to_core(slot))
-            running[proc] = slot
-            proc.log, proc.run_name = log, name  # type: ignore[attr-defined]
-        if finished or time.time() - last_report > 60:  # after refilling: the true running count
-            report(started=[p.run_name for p in running])  # type: ignore[attr-defined]
-            last_report = time.time()
-        time.sleep(0.5)
-        finished = [p for p in running if p.poll() is not None]
-        for proc in finished:
-            proc.log.close()  # type: ignore[attr-defined]
-            del running[proc]
-            name, result = proc.run_name, read_result(sweep_dir, proc.run_name)  # type: ignore[attr-defined]
-            if result is None:
-                record(sweep_dir, name, "failed", reason=f"worker exited with status {proc.returncode} "
-                       f"without a result; log: {proc.log.name}")  # type: ignore[attr-defined]
-            else:
-                record_result(sweep_dir, name, result["status"])
+    last_report, finished = time.time(), False
+    try:
+        while queue or any(p and p.run_name for p in slots.values()):  # type: ignore[attr-defined]
+            for slot, proc in slots.items():
+                if queue and (proc is None or proc.run_name is None):  # type: ignore[attr-defined]
+                    proc = slots[slot] = proc or start_worker(sweep_dir, slot, gpus)
+                    proc.run_name = queue.pop(0)  # type: ignore[attr-defined]
+                    proc.stdin.write(f"{proc.run_name}\n")  # type: ignore[attr-defined, union-attr]
+                    proc.stdin.flush()  # type: ignore[union-attr]
+            busy = [p for p in slots.values() if p and p.run_name]  # type: ignore[attr-defined]
+            if finished or time.time() - last_report > 60:  # after refilling: the true running count
+                report(started=[p.run_name for p in busy])  # type: ignore[attr-defined]
+                last_report = time.time()
+            ready = select.select([p.done for p in busy], [], [], 0.5)[0]  # type: ignore[attr-defined]
+            finished = bool(ready)
+            for slot, proc in list(slots.items()):
+                if proc and proc.done in ready:  # type: ignore[attr-defined]
+                    name, exited = proc.run_name, not proc.done.readline()  # type: ignore[attr-defined]
+                    proc.run_name = None  # type: ignore[attr-defined]
+                    if exited:  # EOF: the worker died during the run
+                        slots[slot] = None
+                        proc.done.close()  # type: ignore[attr-defined]
+                        proc.wait()
+                    if stopped(sweep_dir, name, proc.returncode if exited else None):
+                        queue.clear()
+    finally:
+        for proc in filter(None, slots.values()):
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait()
+
+
+def stopped(sweep_dir: Path, name: str, returncode: int | None) -> bool:
+    """Record how a pooled run ended (`returncode`: its worker died during it) and say whether a
+    signal stopped it. A live worker without a result skipped the run: another runner holds it."""
+    result = read_result(sweep_dir, name)
+    if result is None and returncode is not None:
+        record(sweep_dir, name, "failed", reason=f"worker exited with status {returncode} without a "
+               f"result; log: {run_log(sweep_dir, name)}")
+    elif result is not None:
+        record_result(sweep_dir, name, result["status"])
+    return result is not None and result["status"] == "preempted"
 
 
 # SLURM through submitit ------------------------------------------------------------------------
@@ -351,7 +420,7 @@ def running_elsewhere(sweep_dir: Path, name: str) -> str:
 
 def link_log(sweep_dir: Path, name: str, log: Path) -> None:
     """SWEEP/runs/NAME.log: the run's console (its process 0's), wherever the job writes it."""
-    link = run_dir(sweep_dir, name).parent / f"{name}.log"
+    link = run_log(sweep_dir, name)
     tmp = temporary_path(link)
     os.symlink(log, tmp)
     os.replace(tmp, link)
@@ -474,11 +543,15 @@ def unfinished(sweep_dir: Path, names: Sequence[str]) -> tuple[list[str], list[s
 
 def main(argv: list[str]) -> None:
     """Worker entry point: `python -m experiments.launch SWEEP_DIR RUN_NAME` (under `srun`, every
-    task runs it; exit status 75 when a signal stopped the run, 1 when it failed)."""
-    if len(argv) != 3:
-        sys.exit("usage: python -m experiments.launch SWEEP_DIR RUN_NAME")
+    task runs it; exit status 75 when a signal stopped the run, 1 when it failed), or the
+    subprocess runner's pooled worker, `--serve SWEEP_DIR FD`."""
     from lm.process import setup
 
+    if len(argv) == 4 and argv[1] == "--serve":
+        setup()
+        return serve(argv[2], int(argv[3]))
+    if len(argv) != 3:
+        sys.exit("usage: python -m experiments.launch SWEEP_DIR RUN_NAME")
     setup(distributed=True)
     status = run_one(argv[1], argv[2])
     print(f"{argv[2]}: {status}", flush=True)

@@ -278,3 +278,41 @@ def test_wsd_plan_reports_savings():
         if r.after:
             assert r.config.train.init_from == f"/sweep/runs/{r.after}"
             assert r.config.train.init_step == r.branch_step
+
+
+def test_subprocess_pool_reuses_workers_and_replaces_a_killed_one(data_dir, tmp_path):
+    """The subprocess runner's one worker trains run after run in one process; killed during its
+    first run, that run alone is recorded failed (its log named) and a new worker trains the rest."""
+    import signal
+    import threading
+
+    from experiments import launch
+    from experiments.isoflop import write_plan
+
+    c = micro_sweep(data_dir)
+    c.budgets, c.shapes = c.budgets[:1], c.shapes[:1]
+    runs = plan(c, tmp_path)
+    write_plan(tmp_path, c, runs)
+    names = [r.name for r in runs]
+    pool = threading.Thread(target=launch.run_subprocesses, daemon=True,
+                            args=(tmp_path, names, 1, lambda **_: None))
+    pool.start()
+    pids, killed = set(), None
+    while pool.is_alive():
+        for name in names:
+            try:
+                pid = json.loads((run_dir(tmp_path, name) / ".lock").read_text())["pid"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                continue
+            pids.add(pid)
+            if killed is None:
+                killed = name
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    pool.join()
+    status = launch.read_status(tmp_path)
+    assert killed == names[0] and len(pids) == 2, (killed, pids)  # 3 runs, 2 processes
+    assert status[killed]["state"] == "failed" and f"{killed}.log" in status[killed]["reason"]
+    assert "status -9" in status[killed]["reason"]
+    assert all(status[n]["state"] == "completed" for n in names[1:]), status
+    assert f"{names[1]}: completed" in launch.run_log(tmp_path, names[1]).read_text()

@@ -2,7 +2,7 @@
 
 Shapes climb one rung of a width×depth ladder per budget so every budget brackets its
 optimum. The default is the one-command demo: the tuning stage fits each size's learning rate
-first, and the two cheapest budgets get two seeds each. `:untuned` is the same sweep under the
+first, and the cheapest budget gets two seeds per point. `:untuned` is the same sweep under the
 inverse-width LR rule the tuning grid centres on, one seed per point (see docs/experiments.md
 for how these were chosen and what the sweeps measured).
 
@@ -50,7 +50,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.aspect_ratio = 64.0
     # Runs per planned point: replicate k >= 1 (`<name>-s<k>`) moves the init and data seeds by k.
     c.seeds = 1 if variant else 2
-    c.seeds_budgets = 0 if variant else 2  # replicates at this many smallest budgets (0: at all)
+    c.seeds_budgets = 0 if variant else 1  # replicates at this many smallest budgets (0: at all)
     # Batch rule: batch_size × (N / batch_ref_params) ** batch_exponent, a power of two.
     c.batch_exponent = 0.0
     c.batch_ref_params = 1e6
