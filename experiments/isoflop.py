@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 
 from experiments import launch, tune, validate
-from experiments.plan import Run, format_plan, plan, repeats, trained_flops
+from experiments.plan import Run, format_plan, plan, repeats, trained_flops, training_order
 from lm.config import ConfigError
 from lm.files import read_json, run_dir, write_json_atomic
 from lm.metrics import format_duration
@@ -243,11 +243,7 @@ def main(argv: list[str]) -> None:
                 devices = f.preflight_devices or sweep.slurm.gpus_per_node * sweep.slurm.nodes
                 sys.exit(1 if preflight([(r.name, r.config) for r in runs], f.preflight,
                                         devices) else 0)
-            # Trunks before their branches (a sequential runner never waits on itself), and the
-            # costliest runs first, so parallel workers finish together instead of one trailing.
-            todo = [r.name for r in sorted(runs, key=lambda r: (r.after is not None,
-                                                                -trained_flops(r)))
-                    if not launch.is_done(sweep_dir, r.name)]
+            todo = [r.name for r in training_order(runs) if not launch.is_done(sweep_dir, r.name)]
             if f.dry_run:
                 seconds_per_flop = dry_run_rate(runs, f.flops_per_second)
                 print(format_plan(runs, seconds_per_flop))

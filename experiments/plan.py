@@ -424,6 +424,22 @@ def trained_flops(r: Run) -> float:
     return r.flops * (1 - r.branch_step / r.steps)
 
 
+def training_order(runs: list[Run]) -> list[Run]:
+    """The order a runner starts runs in: trunks before their branches (a sequential runner never
+    waits on itself), the costliest first (so parallel workers finish together, none trailing),
+    and among runs of one cost (within 5 %) one of each program (shape and batch) before a second
+    of any, so that parallel workers compile different programs and the repeats load them."""
+    ranked = sorted(runs, key=lambda r: (r.after is not None, -trained_flops(r)))
+    rounds: dict[tuple, int] = {}
+    keys = []
+    for r in ranked:
+        cost = float(f"{trained_flops(r):.1e}")
+        program = (r.after is not None, cost, r.shape, r.config.data.batch_size)
+        rounds[program] = rounds.get(program, 0) + 1
+        keys.append((r.after is not None, -cost, rounds[program]))
+    return [r for _, r in sorted(zip(keys, ranked, strict=True), key=lambda kr: kr[0])]
+
+
 def format_plan(runs: list[Run], seconds_per_flop: float | None = None) -> str:
     """The plan as a table; the time column uses a measured throughput when given."""
     w = max([18, *(len(r.name) for r in runs)])

@@ -19,7 +19,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from experiments.plan import Run, lines, plan, power_of_two, sci, trained_flops, validate_sweep
+from experiments.plan import Run, lines, plan, power_of_two, sci, training_order, validate_sweep
 from lm.analysis.approach2 import power_law as fit_power_law
 from lm.analysis.approach2 import vertex as parabola_vertex
 from lm.config import ConfigError, fail
@@ -238,13 +238,12 @@ def provenance(sweep: ml_collections.ConfigDict, sweep_dir: str | Path,
 
 
 def execute(directory: Path, sweep: ml_collections.ConfigDict, runs: list[Run], runner: str) -> list[str]:
-    """Train the runs not done (costliest first) with the runner; the lines of those still not
+    """Train the runs not done (in `training_order`) with the runner; the lines of those still not
     done after it, each with why."""
     from experiments import launch
     from experiments.isoflop import Progress, train
 
-    todo = [r.name for r in sorted(runs, key=lambda r: -trained_flops(r))
-            if not launch.is_done(directory, r.name)]
+    todo = [r.name for r in training_order(runs) if not launch.is_done(directory, r.name)]
     print(f"tuning {directory}: {len(runs)} runs, {len(runs) - len(todo)} already done", flush=True)
     report = Progress(directory, runs)
     train(directory, todo, sweep, runner, report, job=f"{sweep.name}-tune")

@@ -215,13 +215,15 @@ def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0):
     return graphdef, nnx.to_pure_dict(state), logical_axes(state)
 
 
-def init_params(cfg: ml_collections.ConfigDict, seed: int, shardings=None) -> Params:
-    """Initialise the pure parameter dict, directly into `shardings` when given (no host copy)."""
+def init_params(cfg: ml_collections.ConfigDict, seed: int | jax.Array, shardings=None) -> Params:
+    """Initialise the pure parameter dict, directly into `shardings` when given (no host copy).
+    The seed is an input of the program, not a constant in it: every seed of a shape is one
+    program (and the same parameters as `nnx.Rngs(seed)`)."""
 
-    def make() -> Params:
-        return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1])
+    def make(seed: jax.Array) -> Params:
+        return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed))))[1])
 
-    return jax.jit(make, out_shardings=shardings)()
+    return jax.jit(make, out_shardings=shardings)(jnp.asarray(seed, jnp.int32))
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens: jax.Array) -> jax.Array:

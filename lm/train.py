@@ -253,13 +253,13 @@ class Trainer:
         self.batch_sharding = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
 
-        def make_state():
-            params = model_lib.init_params(config.model, config.seed)
+        def make_state(seed: jax.Array):
+            params = model_lib.init_params(config.model, seed)
             return {"params": params, "opt_state": self.tx.init(params),
                     "step": jnp.zeros((), jnp.int32)}
 
         self._make_state = make_state
-        abstract = jax.eval_shape(make_state)
+        abstract = jax.eval_shape(make_state, jax.ShapeDtypeStruct((), jnp.int32))
         opt_shardings = optax.tree_map_params(
             self.tx, lambda _, s: s, abstract["opt_state"], self.param_shardings,
             transform_non_params=lambda _: rep)
@@ -301,9 +301,12 @@ class Trainer:
         return self.compiled_train_step(state, batch, self.schedule)
 
     def init_state(self):
-        """Fresh state, created directly in its shardings (no full copy on one device)."""
+        """Fresh state, created directly in its shardings (no full copy on one device); the seed
+        is an input, so a seed replicate reuses the program."""
+        rep = sharding.replicated(self.mesh)
+        seed = jax.make_array_from_callback((), rep, lambda _: np.int32(self.config.seed))
         with jax.set_mesh(self.mesh):
-            return jax.jit(self._make_state, out_shardings=self.state_shardings)()
+            return jax.jit(self._make_state, out_shardings=self.state_shardings)(seed)
 
     def evaluate(self, params, dataset) -> float:
         """Token-weighted mean loss over the fixed validation windows."""

@@ -23,16 +23,16 @@ def test_the_packaged_sweeps_pass(sweep):
     assert plan(sweep())
 
 
-def test_the_default_sweep_tunes_first_then_replicates_its_two_cheapest_budgets(tmp_path):
+def test_the_default_sweep_tunes_first_then_replicates_its_cheapest_budget(tmp_path):
     """The demo: a tuning plan at its smallest budget, then, from the fit, the untuned sweep's 15 points
-    at the fitted LRs, with a second seed at 3e11 and 1e12."""
+    at the fitted LRs, with a second seed at 3e11."""
     demo, untuned = tiny.get_config(), plan(tiny.get_config("untuned"))
     assert len(tuning_plan(demo, tmp_path)) == 5 * len(demo.tune.lr_factors)
     (tmp_path / "tune").mkdir()
     (tmp_path / "tune" / "fit.json").write_text(json.dumps({"lr": {"k": 2.0, "e": -0.5}, "batch": None}))
     runs = plan(demo, tmp_path)
     assert [r.name for r in runs if r.seed == 0] == [r.name for r in untuned]
-    assert [r.name for r in runs if r.seed] == [r.name + "-s1" for r in untuned if r.budget < 3e12]
+    assert [r.name for r in runs if r.seed] == [r.name + "-s1" for r in untuned if r.budget == 3e11]
     assert all(r.config.optim.peak_lr == pytest.approx(2.0 * r.n_params**-0.5) for r in runs)
 
 
@@ -169,3 +169,31 @@ def test_seeds_plan_replicates_with_their_own_seeds_and_trunks():
     for r in twice:
         if r.after:
             assert trunks[r.after].seed == r.seed and r.config.train.init_from == trunks[r.after].workdir
+
+
+def test_training_order_starts_one_run_of_each_program_before_repeats():
+    """Costliest first, trunks before branches, and within one cost every shape once before any
+    twice: the tuning grid's LRs and a point's replicates do not start together (two workers
+    compiling one program) but after it is in the cache."""
+    from experiments.plan import trained_flops, training_order
+
+    def shapes(runs):
+        return [(r.shape, round(r.budget)) for r in runs]
+
+    tuning = training_order(tuning_plan(tiny.get_config()))
+    assert len(tuning) == 15 and len(set(shapes(tuning[:5]))) == 5
+    assert shapes(tuning[:5]) == shapes(tuning[5:10]) == shapes(tuning[10:])
+    c = tiny.get_config("untuned")
+    c.seeds, c.seeds_budgets = 2, 1
+    sweep = training_order(plan(c))
+    assert [r.budget for r in sweep] == sorted((r.budget for r in sweep), reverse=True)
+    at_3e11 = [r.seed for r in sweep if r.budget == 3e11]
+    assert at_3e11 == [0] * 5 + [1] * 5
+    wsd = tiny.get_config("untuned")
+    wsd.mode = "wsd"
+    ordered = training_order(plan(wsd))
+    first_branch = next(i for i, r in enumerate(ordered) if r.after is not None)
+    assert all(r.after is None for r in ordered[:first_branch])
+    assert all(r.after is not None for r in ordered[first_branch:])
+    assert [trained_flops(r) for r in ordered[:first_branch]] == sorted(
+        (trained_flops(r) for r in ordered[:first_branch]), reverse=True)
