@@ -8,6 +8,7 @@ tasks per node) is trained by all of them, on process 0's decision (docs/experim
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import re
@@ -21,7 +22,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import jax
 import ml_collections
@@ -270,9 +271,40 @@ def serve(sweep_dir: str, control: int) -> None:
                 break
 
 
-def start_worker(sweep_dir: Path, slot: int, gpus: int) -> subprocess.Popen:
+@dataclasses.dataclass
+class PoolWorker:
+    """A pooled worker process, the pipe it names its finished runs on, and the run it has."""
+
+    proc: subprocess.Popen
+    done: TextIO
+    run: str | None = None
+
+    def give(self, name: str) -> None:
+        """Hand it the next run."""
+        assert self.proc.stdin is not None
+        self.run = name
+        self.proc.stdin.write(f"{name}\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> tuple[str, int | None]:
+        """The run it has just reported over, and its exit status if it died during it (EOF)."""
+        name, self.run = self.run, None
+        assert name is not None, "only a worker with a run reports"
+        if self.done.readline():
+            return name, None
+        self.done.close()
+        return name, self.proc.wait()
+
+    def close(self) -> None:
+        """End its input (it stops after the current run) and wait for it."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def start_worker(sweep_dir: Path, slot: int, gpus: int) -> PoolWorker:
     """A pooled worker process for one slot: its own GPU (CUDA_VISIBLE_DEVICES), else one CPU
-    core, single-threaded; `proc.done` reads the names of the runs it has finished."""
+    core, single-threaded."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.update({"CUDA_VISIBLE_DEVICES": str(slot)} if gpus else cpu_worker_env())
@@ -283,8 +315,7 @@ def start_worker(sweep_dir: Path, slot: int, gpus: int) -> subprocess.Popen:
                                  str(write)], env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 text=True, pass_fds=(write,), preexec_fn=None if gpus else pin_to_core(slot))
     os.close(write)
-    proc.done, proc.run_name = os.fdopen(read), None  # type: ignore[attr-defined]
-    return proc
+    return PoolWorker(proc, os.fdopen(read))
 
 
 def run_subprocesses(sweep_dir: Path, names: Sequence[str], workers: int,
@@ -293,46 +324,41 @@ def run_subprocesses(sweep_dir: Path, names: Sequence[str], workers: int,
     `workers` CPU core. A worker that dies takes only its current run (recorded failed) and is
     replaced; a run a signal stopped ends the sweep, as on the local runner."""
     gpus = gpu_count()
-    slots: dict[int, subprocess.Popen | None] = dict.fromkeys(range(gpus or max(1, workers)))
+    slots: dict[int, PoolWorker | None] = dict.fromkeys(range(gpus or max(1, workers)))
     queue = list(names)  # at least one slot above: never a pool that waits forever
     (Path(sweep_dir) / "runs").mkdir(parents=True, exist_ok=True)
     last_report, finished = time.time(), False
     try:
-        while queue or any(p and p.run_name for p in slots.values()):  # type: ignore[attr-defined]
-            for slot, proc in slots.items():
-                if queue and (proc is None or proc.run_name is None):  # type: ignore[attr-defined]
-                    proc = slots[slot] = proc or start_worker(sweep_dir, slot, gpus)
-                    proc.run_name = queue.pop(0)  # type: ignore[attr-defined]
-                    proc.stdin.write(f"{proc.run_name}\n")  # type: ignore[attr-defined, union-attr]
-                    proc.stdin.flush()  # type: ignore[union-attr]
-            busy = [p for p in slots.values() if p and p.run_name]  # type: ignore[attr-defined]
+        while queue or any(w and w.run for w in slots.values()):
+            for slot, worker in slots.items():
+                if queue and (worker is None or worker.run is None):
+                    worker = slots[slot] = worker or start_worker(sweep_dir, slot, gpus)
+                    worker.give(queue.pop(0))
+            busy = [w for w in slots.values() if w and w.run]
             if finished or time.time() - last_report > 60:  # after refilling: the true running count
-                report(started=[p.run_name for p in busy])  # type: ignore[attr-defined]
+                report(started=[w.run for w in busy])
                 last_report = time.time()
-            ready = select.select([p.done for p in busy], [], [], 0.5)[0]  # type: ignore[attr-defined]
+            ready = select.select([w.done for w in busy], [], [], 0.5)[0]
             finished = bool(ready)
-            for slot, proc in list(slots.items()):
-                if proc and proc.done in ready:  # type: ignore[attr-defined]
-                    name, exited = proc.run_name, not proc.done.readline()  # type: ignore[attr-defined]
-                    proc.run_name = None  # type: ignore[attr-defined]
-                    if exited:  # EOF: the worker died during the run
+            for slot, worker in list(slots.items()):
+                if worker and worker.done in ready:
+                    name, died = worker.finish()
+                    if died is not None:
                         slots[slot] = None
-                        proc.done.close()  # type: ignore[attr-defined]
-                        proc.wait()
-                    if stopped(sweep_dir, name, proc.returncode if exited else None):
+                    if record_pooled(sweep_dir, name, died):
                         queue.clear()
     finally:
-        for proc in filter(None, slots.values()):
-            proc.stdin.close()  # type: ignore[union-attr]
-            proc.wait()
+        for worker in filter(None, slots.values()):
+            worker.close()
 
 
-def stopped(sweep_dir: Path, name: str, returncode: int | None) -> bool:
-    """Record how a pooled run ended (`returncode`: its worker died during it) and say whether a
-    signal stopped it. A live worker without a result skipped the run: another runner holds it."""
+def record_pooled(sweep_dir: Path, name: str, died: int | None) -> bool:
+    """Record how a pooled run ended (`died`: its worker's exit status, if it died during it) and
+    say whether a signal stopped it. A live worker without a result skipped the run: another
+    runner holds it."""
     result = read_result(sweep_dir, name)
-    if result is None and returncode is not None:
-        record(sweep_dir, name, "failed", reason=f"worker exited with status {returncode} without a "
+    if result is None and died is not None:
+        record(sweep_dir, name, "failed", reason=f"worker exited with status {died} without a "
                f"result; log: {run_log(sweep_dir, name)}")
     elif result is not None:
         record_result(sweep_dir, name, result["status"])

@@ -488,8 +488,8 @@ def test_runs_differing_in_lr_or_length_share_one_program(config):
 
 
 def test_seed_replicates_share_one_init_program_with_the_rngs_parameters(config):
-    """The seed is an input of the init program (a 24x2 model's took 11 s to compile on CPU, once
-    per seed before): seeds and LRs lower to one program, and it makes nnx.Rngs(seed)'s params."""
+    """The seed is an input of the init program, so replicates do not recompile it: seeds and LRs
+    lower to one program, and it makes nnx.Rngs(seed)'s params."""
     from flax import nnx
 
     from lm import sharding
