@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from lm.data import DataError, build_dataset
-from lm.data.sources import SplitCorpus, open_corpus, unit_hash
+from lm.data.sources import SplitCorpus, open_corpus, prepared_corpus, unit_hash
 
 from .conftest import data_config
 
@@ -65,6 +65,20 @@ def test_changed_folder_is_rebuilt(tmp_path):
     after = open_corpus(c.data)
     assert after.name != before.name
     assert "d.txt" in ids(after, "train") + ids(after, "validation")
+
+
+def test_local_corpora_leave_nothing_in_the_temp_dir(tmp_path, monkeypatch):
+    """tfds makes an empty temp dir for each unprepared builder (its bucket lookup); ours skip it."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    write_folder(tmp_path / "text")
+    c = data_config(tmp_path / "data", dataset="folder", text_dir=str(tmp_path / "text"))
+    assert prepared_corpus(c.data) is None
+    open_corpus(c.data)
+    assert list(scratch.iterdir()) == []
 
 
 def test_folder_errors(tmp_path):
