@@ -85,7 +85,8 @@ def test_run_on_two_nodes_with_two_tasks_each(tmp_path, data_dir):
                    "--config.slurm.additional_parameters=('comment=isoflop',)",
                    # the earlier, calmer recipe: the tiny one's LR and QK-norm grow gloo's summation
                    # order into 6e-4-5e-3 (relative) over these ~60 steps (docs/experiments.md, stability)
-                   "--config.train.model.qk_norm=False", "--config.train.optim.max_lr=0.02",
+                   "--config.train.model.qk_norm=False", "--config.train.model.init_std=0.02",
+                   "--config.train.optim.max_lr=0.02",
                    "--config.train.optim.warmup_frac=0.05", "--config.train.optim.z_loss=0.0")
     one = _isoflop(tmp_path / "one", [*flags, "--runner=local"], _env(tmp_path, 8))
     sweep = tmp_path / "multi"
