@@ -427,8 +427,9 @@ def trained_flops(r: Run) -> float:
 def training_order(runs: list[Run]) -> list[Run]:
     """The order a runner starts runs in: trunks before their branches (a sequential runner never
     waits on itself), the costliest first (so parallel workers finish together, none trailing),
-    and among runs of one cost (within 5 %) one of each program (shape and batch) before a second
-    of any, so that parallel workers compile different programs and the repeats load them."""
+    and among runs of one cost (to 2 significant figures) one of each program (shape and batch)
+    before a second of any, so that parallel workers compile different programs and the repeats
+    load them."""
     ranked = sorted(runs, key=lambda r: (r.after is not None, -trained_flops(r)))
     rounds: dict[tuple, int] = {}
     keys = []
