@@ -30,7 +30,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     t.model.init_std = 0.1  # 0.02 (GPT-2's, for d_model 768) is a near-zero start at widths 16-80
     t.optim.lr_rule, t.optim.peak_lr, t.optim.base_width, t.optim.max_lr = (
         "fitted" if not variant else "inverse_width", 6e-3, 128, 0.2)
-    t.optim.warmup_frac, t.optim.final_frac, t.optim.z_loss = 0.1, 0.0, 1e-4  # to zero: settles
+    t.optim.warmup_frac, t.optim.final_frac, t.optim.z_loss = 0.1, 0.1, 1e-4
     t.train.log_every, t.train.eval_every, t.train.checkpoint_every = 50, 250, 1000
     c.train = t
 
