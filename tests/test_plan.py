@@ -171,6 +171,25 @@ def test_seeds_plan_replicates_with_their_own_seeds_and_trunks():
             assert trunks[r.after].seed == r.seed and r.config.train.init_from == trunks[r.after].workdir
 
 
+def test_wsd_replicates_at_the_smallest_budget_train_the_schedule_of_their_seed_0_run():
+    """In wsd mode with seeds_budgets, a replicate has no longer run of its seed to branch from, so
+    it is its own trunk, and trains seed 0's schedule there: same steps, warmup and cooldown."""
+    c = tiny.get_config("untuned")
+    c.mode, c.seeds, c.seeds_budgets = "wsd", 2, 1
+    runs = {r.name: r for r in plan(c, "sweep")}
+    replicates = [r for r in runs.values() if r.seed == 1]
+    assert sorted(r.name for r in replicates) == sorted(
+        r.name + "-s1" for r in runs.values() if r.seed == 0 and r.budget == min(c.budgets))
+    for r in replicates:
+        zero = runs[r.name.removesuffix("-s1")]
+        assert r.after is None and r.config.train.init_from == "" and r.config.train.save_steps == ()
+        assert (r.steps, r.config.seed) == (zero.steps, zero.config.seed + 1)
+        for o in (r.config.optim, zero.config.optim):
+            assert (o.schedule, o.cooldown_frac) == ("wsd", c.cooldown_frac)
+        assert r.config.optim.warmup_steps == zero.config.optim.warmup_steps
+    assert sum(runs[r.name.removesuffix("-s1")].after is not None for r in replicates) == 4  # branches
+
+
 def test_training_order_starts_one_run_of_each_program_before_repeats():
     """Costliest first, trunks before branches, and within one cost every shape once before any
     twice: the tuning grid's LRs and a point's replicates do not start together (two workers
