@@ -307,9 +307,14 @@ def _quiet_absl() -> Iterator[None]:
 
 
 def _open(make: Callable[[], tfds.core.DatasetBuilder]) -> tuple[tfds.core.DatasetBuilder, bool]:
+    """`make()`'s builder and whether it is prepared; made again when another process finished
+    preparing it between the two, so its info is read from the files and not the code's."""
     with _quiet_absl():
         builder = make()
-        return builder, builder.is_prepared()
+        ready = builder.is_prepared()
+        if ready and not builder.info.splits:
+            builder = make()
+        return builder, ready
 
 
 def _prepared(make: Callable[[], tfds.core.DatasetBuilder], root: Path) -> tfds.core.DatasetBuilder:
